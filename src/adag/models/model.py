@@ -1,0 +1,195 @@
+"""``Model``: a Hugging Face causal LM, its tokenizer and its architecture spec, with adag's sites
+installed."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from adag.errors import AdagError
+from adag.models.linear import linearize
+from adag.models.sites import Patch, SiteRun, install, layer_modules, site_names
+from adag.models.specs import ACTIVATIONS, SPECS, ActKind, ArchSpec, supported
+
+
+@dataclass(frozen=True)
+class TokenProb:
+    """One next-token candidate."""
+
+    token: str
+    id: int
+    prob: float
+    logit: float
+
+
+class Model:
+    """A causal LM ready for adag: ``hf`` (the transformers model, eval mode, routed through adag's
+    attention and hooks), ``tokenizer`` (may be None for models built from a config), ``spec``.
+
+    Tokens are ``batch pos`` LongTensors; calling the model returns logits ``batch pos d_vocab``.
+    """
+
+    def __init__(self, hf: Any, tokenizer: Any = None, *, name: str = "custom") -> None:
+        config = hf.config
+        spec = SPECS.get(config.model_type)
+        if spec is None:
+            raise AdagError(
+                f"unsupported architecture {config.model_type!r}; supported: {', '.join(supported())}"
+            )
+        act_name = getattr(config, spec.act_key, None)
+        act = ACTIVATIONS.get(str(act_name))
+        if act is None:
+            raise AdagError(
+                f"unsupported MLP activation {act_name!r} in this {config.model_type} model; "
+                f"supported: {', '.join(sorted(ACTIVATIONS))}"
+            )
+        self.hf = hf.eval()
+        self.tokenizer = tokenizer
+        self.name = name
+        self.spec: ArchSpec = spec
+        self.act: ActKind = act
+        self.n_layers = len(layer_modules(hf, spec))
+        self.n_heads: int = config.num_attention_heads
+        self.n_kv_heads: int = getattr(config, "num_key_value_heads", None) or self.n_heads
+        self.d_model: int = config.hidden_size
+        self.d_head: int = getattr(config, "head_dim", None) or self.d_model // self.n_heads
+        self.d_mlp: int = (
+            getattr(config, "intermediate_size", None)
+            or getattr(config, "n_inner", None)
+            or 4 * self.d_model
+        )
+        self.d_vocab: int = config.vocab_size
+        self.n_ctx: int | None = getattr(config, "max_position_embeddings", None) or getattr(
+            config, "n_positions", None
+        )
+        self.final_softcap: float | None = (
+            getattr(config, spec.final_softcap_key, None) if spec.final_softcap_key else None
+        )
+        self._dispatch = install(hf, spec, act)
+        self._site_names = site_names(spec, self.n_layers)
+        self._site_set = frozenset(self._site_names)
+
+    def __repr__(self) -> str:
+        return (
+            f"Model({self.name!r}, {self.spec.model_type}, layers={self.n_layers}, "
+            f"d_model={self.d_model}, d_mlp={self.d_mlp}, heads={self.n_heads}/{self.n_kv_heads}, "
+            f"dtype={self.dtype})"
+        )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.hf.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf.parameters()).device
+
+    # -- tokens ------------------------------------------------------------------------------
+
+    def _tok(self) -> Any:
+        if self.tokenizer is None:
+            raise AdagError(f"model {self.name!r} has no tokenizer; pass token ids instead of text")
+        return self.tokenizer
+
+    def to_tokens(self, text: str | Sequence[str]) -> Tensor:
+        """Token ids ``batch pos`` (with the tokenizer's own BOS convention). A list of prompts must
+        tokenize to equal lengths."""
+        tok = self._tok()
+        texts = [text] if isinstance(text, str) else list(text)
+        if not texts:
+            raise AdagError("no prompts given")
+        rows = [tok(t, add_special_tokens=True)["input_ids"] for t in texts]
+        for t, r in zip(texts, rows, strict=True):
+            if not r:
+                raise AdagError(f"prompt {t!r} is empty after tokenization; give a non-empty prompt")
+        lengths = {len(r) for r in rows}
+        if len(lengths) > 1:
+            raise AdagError(
+                f"prompts tokenize to different lengths {sorted(lengths)}; batch prompts of equal length"
+            )
+        return torch.tensor(rows, dtype=torch.long, device=self.device)
+
+    def to_str_tokens(self, text: str | Tensor | Sequence[int]) -> list[str]:
+        """The tokens of one prompt (or one row of ids) as strings."""
+        tok = self._tok()
+        if isinstance(text, str):
+            ids = self.to_tokens(text)[0].tolist()
+        else:
+            ids = torch.as_tensor(text).reshape(-1).tolist()
+        return [tok.decode([i]) for i in ids]
+
+    @property
+    def prepends_bos(self) -> bool:
+        """Whether the tokenizer puts a BOS token before every prompt."""
+        tok = self._tok()
+        bos = tok.bos_token_id
+        ids = tok("a", add_special_tokens=True)["input_ids"]
+        return bos is not None and len(ids) > 0 and ids[0] == bos
+
+    # -- running -----------------------------------------------------------------------------
+
+    def _check_tokens(self, tokens: Tensor) -> Tensor:
+        if tokens.dim() == 1:
+            tokens = tokens[None]
+        if tokens.dim() != 2 or tokens.shape[1] == 0:
+            raise AdagError(f"tokens must be a non-empty (batch, pos) tensor, got shape {tuple(tokens.shape)}")
+        if self.n_ctx is not None and tokens.shape[1] > self.n_ctx:
+            raise AdagError(
+                f"prompt is {tokens.shape[1]} tokens, longer than the model's context of "
+                f"{self.n_ctx}; shorten it"
+            )
+        return tokens.to(self.device)
+
+    def __call__(self, tokens: Tensor | str | Sequence[str]) -> Tensor:
+        """Logits ``batch pos d_vocab`` for token ids (or prompts, tokenized with ``to_tokens``)."""
+        if not isinstance(tokens, Tensor):
+            tokens = self.to_tokens(tokens)
+        tokens = self._check_tokens(tokens)
+        out = self.hf(input_ids=tokens, use_cache=False)
+        return out.logits
+
+    def top_k(self, prompt: str | Tensor, k: int = 5) -> list[TokenProb]:
+        """The ``k`` most likely next tokens after ``prompt``."""
+        if k < 1:
+            raise AdagError(f"k must be at least 1, got {k}")
+        tokens = self.to_tokens(prompt) if isinstance(prompt, str) else prompt
+        with torch.no_grad():
+            logits = self(tokens)[0, -1].float()
+        probs = logits.softmax(-1)
+        top = probs.topk(min(k, probs.shape[-1]))
+        decode = self.tokenizer.decode if self.tokenizer is not None else str
+        return [
+            TokenProb(decode([i]) if self.tokenizer is not None else str(i), i, float(p), float(logits[i]))
+            for p, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)
+        ]
+
+    # -- sites -------------------------------------------------------------------------------
+
+    def site_names(self) -> list[str]:
+        """Every named site of this model, in forward order."""
+        return list(self._site_names)
+
+    def site_name_set(self) -> frozenset[str]:
+        return self._site_set
+
+    def sites(
+        self, *, read: Iterable[str] = (), patches: Iterable[Patch] = (), grad: Iterable[str] = ()
+    ) -> SiteRun:
+        """A :class:`~adag.models.sites.SiteRun` on this model (use as a context manager)."""
+        return SiteRun(self, read=read, patches=patches, grad=grad)
+
+    def run_with_cache(
+        self, tokens: Tensor, sites: Iterable[str], *, patches: Iterable[Patch] = ()
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """One no-grad forward; returns logits and the values of ``sites``."""
+        with torch.no_grad(), self.sites(read=sites, patches=patches) as run:
+            logits = self(tokens)
+        return logits, run.cache
+
+    def linearize(self, **kwargs: Any) -> Any:
+        """``adag.models.linear.linearize(self, **kwargs)``."""
+        return linearize(self, **kwargs)
