@@ -48,6 +48,9 @@ class Model:
                 f"supported: {', '.join(sorted(ACTIVATIONS))}"
             )
         self.hf = hf.eval()
+        # adag differentiates activations (sites), never weights: no parameter gradients.
+        for p in hf.parameters():
+            p.requires_grad_(False)
         self.tokenizer = tokenizer
         self.name = name
         self.spec: ArchSpec = spec
@@ -166,6 +169,14 @@ class Model:
             TokenProb(decode([i]) if self.tokenizer is not None else str(i), i, float(p), float(logits[i]))
             for p, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)
         ]
+
+    def submodule(self, path: str, layer: int | None = None) -> torch.nn.Module:
+        """The HF module at ``path`` (a spec path; relative to decoder layer ``layer`` if given)."""
+        root = self.hf if layer is None else layer_modules(self.hf, self.spec)[layer]
+        mod = root
+        for part in path.split("."):
+            mod = getattr(mod, part)
+        return mod
 
     # -- sites -------------------------------------------------------------------------------
 

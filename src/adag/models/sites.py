@@ -327,6 +327,8 @@ class SiteRun(Session):
             return {}
         names = [n for n in self.grad if n in self.leaves]
         leaves = [self.leaves[n] for n in names]
+        if not metric.requires_grad:  # every path to the metric was cut
+            return {n: torch.zeros_like(leaf) for n, leaf in zip(names, leaves, strict=True)}
         gs = torch.autograd.grad(metric, leaves, retain_graph=retain_graph, allow_unused=True)
         return {
             n: (torch.zeros_like(leaf) if g is None else g)
@@ -391,8 +393,12 @@ class Dispatch:
         return hook
 
     def _output_hook(self, actions: list[tuple[str, Any]]) -> Callable[..., Any]:
+        is_norm = any(kind in ("norm", "exact_norm") for kind, _ in actions)
+
         def hook(module: torch.nn.Module, args: tuple[Any, ...], out: Any) -> Any:
             if not self.sessions:
+                if is_norm and args[0].dtype == torch.float64:
+                    return self._exact_norm(module, args[0])
                 return None
             x = out[0] if isinstance(out, tuple) else out
             for kind, arg in actions:
@@ -401,17 +407,23 @@ class Dispatch:
 
         return hook
 
+    def _exact_norm(self, module: torch.nn.Module, x: Tensor) -> Tensor:
+        """HF norms compute in float32 even for float64 inputs; float64 models get exact norms."""
+        kind = self.spec.norm
+        return norm_apply(kind, module, x, norm_scale(kind, x, norm_eps(module)))
+
     def _act(self, kind: str, arg: Any, module: torch.nn.Module, args: tuple[Any, ...], x: Tensor) -> Tensor:
         if kind == "site":
             return self.site(arg, x)
         if kind == "norm":
             inp = args[0]
             if inp.dtype == torch.float64:
-                # HF norms compute in float32 even for float64 inputs; recompute exactly.
-                x = norm_apply(self.spec.norm, module, inp, norm_scale(self.spec.norm, inp, norm_eps(module)))
+                x = self._exact_norm(module, inp)
             for s in self.sessions:
                 x = s.norm(arg, self.spec.norm, module, inp, x)
             return x
+        if kind == "exact_norm":
+            return self._exact_norm(module, args[0]) if args[0].dtype == torch.float64 else x
         if kind == "attn_out":
             layer = arg
             x = self.site(f"blocks.{layer}.hook_attn_out", x)
@@ -484,6 +496,9 @@ def install(hf: torch.nn.Module, spec: ArchSpec, act: str) -> Dispatch:
             path = getattr(spec, point)
             if path is not None:
                 on_output(_get(block, path), ("norm", f"blocks.{layer}.{point}"))
+        if spec.qk_norm:
+            for path in (f"{spec.attn}.q_norm", f"{spec.attn}.k_norm"):
+                on_output(_get(block, path), ("exact_norm", None))
         on_output(_get(block, spec.attn_out_module), ("attn_out", layer))
         on_output(_get(block, spec.mlp_in), ("stash_g", layer))
         if spec.mlp_in_linear is not None:
