@@ -60,7 +60,9 @@ def test_completeness(tiny: Model, tokens, rule):
     assert abs(total.item() - metric.item()) <= 1e-8 * abs(metric.item())
 
 
-def _reference_patches(m: Model, tokens: torch.Tensor, rule: str) -> tuple[list[Patch], list[str], dict]:
+def _reference_patches(
+    m: Model, tokens: torch.Tensor, rule: str
+) -> tuple[list[Patch], list[str], dict]:
     """Patches that turn the model into the frozen reference: every scale and pattern replaced by
     its clean value, every MLP's neurons by the rule's frozen formula."""
     pats = [f"blocks.{i}.attn.hook_pattern" for i in range(m.n_layers)]
@@ -94,12 +96,18 @@ def _reference_metric(m: Model, cache: dict, clean: dict) -> torch.Tensor:
     """The target logit from the last residual with the frozen final-norm scale and softcap ratio."""
     last = cache[f"blocks.{m.n_layers - 1}.hook_resid_post"][0, -1]
     s = clean["ln_final.hook_scale"][0, -1]
-    z = norm_apply(m.spec.norm, m.submodule(m.spec.final_norm), last, s) @ m.submodule(m.spec.unembed).weight.T
+    z = (
+        norm_apply(m.spec.norm, m.submodule(m.spec.final_norm), last, s)
+        @ m.submodule(m.spec.unembed).weight.T
+    )
     zt = z[TARGET]
     if m.final_softcap:
         zc = torch.tensor(0.0, dtype=z.dtype)
         last_c = clean[f"blocks.{m.n_layers - 1}.hook_resid_post"][0, -1]
-        zc = (norm_apply(m.spec.norm, m.submodule(m.spec.final_norm), last_c, s) @ m.submodule(m.spec.unembed).weight.T)[TARGET]
+        zc = (
+            norm_apply(m.spec.norm, m.submodule(m.spec.final_norm), last_c, s)
+            @ m.submodule(m.spec.unembed).weight.T
+        )[TARGET]
         zt = zt * (m.final_softcap * torch.tanh(zc / m.final_softcap) / zc)
     return zt
 
@@ -115,11 +123,15 @@ def test_gradients_equal_reference_finite_differences(tiny: Model, tokens, rule)
         eps = 1e-3
         vals = []
         for sign in (1, -1):
-            _, c = tiny.run_with_cache(tokens, reads, patches=[*patches, Patch(site, sign * eps * d, op="add")])
+            _, c = tiny.run_with_cache(
+                tokens, reads, patches=[*patches, Patch(site, sign * eps * d, op="add")]
+            )
             vals.append(_reference_metric(tiny, c, clean))
         _, c0 = tiny.run_with_cache(tokens, reads, patches=patches)
         # the reference reproduces the clean logit
-        torch.testing.assert_close(_reference_metric(tiny, c0, clean), tiny(tokens)[0, -1, TARGET], rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(
+            _reference_metric(tiny, c0, clean), tiny(tokens)[0, -1, TARGET], rtol=1e-10, atol=1e-10
+        )
         fd = (vals[0] - vals[1]) / (2 * eps)
         torch.testing.assert_close((g * d).sum(), fd, rtol=1e-7, atol=1e-9, msg=f"{site} {rule}")
 
@@ -131,7 +143,10 @@ def test_per_layer_rules(tiny: Model, tokens):
     assert torch.all(g["blocks.1.mlp.hook_pre"] == 0)
     assert g["blocks.1.mlp.hook_post"].abs().sum() > 0
     assert g["blocks.0.mlp.hook_pre"].abs().sum() > 0
-    with linearize(tiny, mlp=["stop"] * tiny.n_layers), tiny.sites(grad=["blocks.0.mlp.hook_pre"]) as run:
+    with (
+        linearize(tiny, mlp=["stop"] * tiny.n_layers),
+        tiny.sites(grad=["blocks.0.mlp.hook_pre"]) as run,
+    ):
         g0 = run.grads(tiny(tokens)[0, -1, TARGET])["blocks.0.mlp.hook_pre"]
     assert torch.all(g0 == 0)
 

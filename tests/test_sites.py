@@ -8,7 +8,7 @@ import torch
 
 from adag.errors import AdagError
 from adag.models.model import Model
-from adag.models.ops import act_apply, norm_apply, norm_eps, norm_scale
+from adag.models.ops import norm_apply, norm_eps, norm_scale
 from adag.models.sites import Patch
 
 from .conftest import ARCHS, tiny_hf
@@ -99,11 +99,17 @@ def test_reading_matches_recomputation(tiny: Model, tokens):
         p = f"blocks.{layer}."
         # attention output = Σ over heads of z·W_O (+ bias), then the post-norm if any
         torch.testing.assert_close(
-            attn_out_by_hand(tiny, layer, c[p + "attn.hook_z"]), c[p + "hook_attn_out"], rtol=1e-12, atol=1e-12
+            attn_out_by_hand(tiny, layer, c[p + "attn.hook_z"]),
+            c[p + "hook_attn_out"],
+            rtol=1e-12,
+            atol=1e-12,
         )
         # MLP output = hook_post · W_down (+ bias), then the post-norm if any
         torch.testing.assert_close(
-            mlp_out_by_hand(tiny, layer, c[p + "mlp.hook_post"]), c[p + "hook_mlp_out"], rtol=1e-12, atol=1e-12
+            mlp_out_by_hand(tiny, layer, c[p + "mlp.hook_post"]),
+            c[p + "hook_mlp_out"],
+            rtol=1e-12,
+            atol=1e-12,
         )
         # neurons = act(gate) * up (gated) or act(pre)
         act = tiny.submodule(tiny.spec.mlp, layer)
@@ -113,8 +119,12 @@ def test_reading_matches_recomputation(tiny: Model, tokens):
             post = post * c[p + "mlp.hook_pre_linear"]
         torch.testing.assert_close(post, c[p + "mlp.hook_post"], rtol=1e-12, atol=1e-12)
         # residual stream bookkeeping
-        assert torch.equal(c[p + "hook_resid_pre"] + c[p + "hook_attn_out"], c[p + "hook_resid_mid"])
-        assert torch.equal(c[p + "hook_resid_mid"] + c[p + "hook_mlp_out"], c[p + "hook_resid_post"])
+        assert torch.equal(
+            c[p + "hook_resid_pre"] + c[p + "hook_attn_out"], c[p + "hook_resid_mid"]
+        )
+        assert torch.equal(
+            c[p + "hook_resid_mid"] + c[p + "hook_mlp_out"], c[p + "hook_resid_post"]
+        )
         if layer + 1 < tiny.n_layers:
             assert torch.equal(c[p + "hook_resid_post"], c[f"blocks.{layer + 1}.hook_resid_pre"])
         # pattern: causal rows summing to one; z = pattern @ v with query head h reading KV head h // n_rep
@@ -129,12 +139,19 @@ def test_reading_matches_recomputation(tiny: Model, tokens):
         if tiny.spec.ln1:
             x = c[p + "hook_resid_pre"]
             if tiny.spec.norm == "layer":
-                want = 1 / torch.sqrt(x.var(-1, keepdim=True, unbiased=False) + norm_eps(tiny.submodule(tiny.spec.ln1, layer)))
+                want = 1 / torch.sqrt(
+                    x.var(-1, keepdim=True, unbiased=False)
+                    + norm_eps(tiny.submodule(tiny.spec.ln1, layer))
+                )
             else:
-                want = 1 / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + norm_eps(tiny.submodule(tiny.spec.ln1, layer)))
+                want = 1 / torch.sqrt(
+                    x.pow(2).mean(-1, keepdim=True) + norm_eps(tiny.submodule(tiny.spec.ln1, layer))
+                )
             torch.testing.assert_close(c[p + "ln1.hook_scale"], want, rtol=1e-12, atol=0)
     # logits from the last residual by hand: final norm, unembedding, softcap
-    final = _norm(tiny, tiny.spec.final_norm, None, c[f"blocks.{tiny.n_layers - 1}.hook_resid_post"])
+    final = _norm(
+        tiny, tiny.spec.final_norm, None, c[f"blocks.{tiny.n_layers - 1}.hook_resid_post"]
+    )
     z = final @ tiny.submodule(tiny.spec.unembed).weight.T
     if tiny.final_softcap:
         z = torch.tanh(z / tiny.final_softcap) * tiny.final_softcap
@@ -192,24 +209,33 @@ def test_patch_head_and_neuron_predicted(tiny: Model, tokens):
     layer, head, pos = 1, 2, 4
     p = f"blocks.{layer}."
     _, clean = tiny.run_with_cache(tokens, [p + "attn.hook_z", p + "mlp.hook_post"])
-    new_z = torch.randn(tiny.d_head, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    new_z = torch.randn(
+        tiny.d_head, dtype=torch.float64, generator=torch.Generator().manual_seed(6)
+    )
     _, c = tiny.run_with_cache(
-        tokens, [p + "attn.hook_z", p + "hook_attn_out"], patches=[Patch(p + "attn.hook_z", new_z, head=head, pos=pos)]
+        tokens,
+        [p + "attn.hook_z", p + "hook_attn_out"],
+        patches=[Patch(p + "attn.hook_z", new_z, head=head, pos=pos)],
     )
     z = clean[p + "attn.hook_z"].clone()
     z[:, head, pos] = new_z
     assert torch.equal(c[p + "attn.hook_z"], z)
-    torch.testing.assert_close(c[p + "hook_attn_out"], attn_out_by_hand(tiny, layer, z), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        c[p + "hook_attn_out"], attn_out_by_hand(tiny, layer, z), rtol=1e-12, atol=1e-12
+    )
     # add δ to one neuron: the MLP output moves by δ · W_down[i] (before any post-norm)
     idx, delta = 7, 0.75
     _, c2 = tiny.run_with_cache(
-        tokens, [p + "mlp.hook_post", p + "hook_mlp_out"],
+        tokens,
+        [p + "mlp.hook_post", p + "hook_mlp_out"],
         patches=[Patch(p + "mlp.hook_post", delta, op="add", pos=pos, index=idx)],
     )
     post = clean[p + "mlp.hook_post"].clone()
     post[:, pos, idx] += delta
     assert torch.equal(c2[p + "mlp.hook_post"], post)
-    torch.testing.assert_close(c2[p + "hook_mlp_out"], mlp_out_by_hand(tiny, layer, post), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        c2[p + "hook_mlp_out"], mlp_out_by_hand(tiny, layer, post), rtol=1e-12, atol=1e-12
+    )
 
 
 def test_zipped_batched_patches_equal_individual_runs(tiny: Model):
@@ -217,9 +243,13 @@ def test_zipped_batched_patches_equal_individual_runs(tiny: Model):
     site = "blocks.1.mlp.hook_post"
     pos, idx = [2, 5, 7], [3, 9, 11]
     vals = torch.tensor([1.5, -2.0, 0.25], dtype=torch.float64)
-    batched, _ = tiny.run_with_cache(toks, [], patches=[Patch(site, vals, batch=[0, 1, 2], pos=pos, index=idx)])
+    batched, _ = tiny.run_with_cache(
+        toks, [], patches=[Patch(site, vals, batch=[0, 1, 2], pos=pos, index=idx)]
+    )
     for row in range(3):
-        single, _ = tiny.run_with_cache(toks[:1], [], patches=[Patch(site, vals[row], pos=pos[row], index=idx[row])])
+        single, _ = tiny.run_with_cache(
+            toks[:1], [], patches=[Patch(site, vals[row], pos=pos[row], index=idx[row])]
+        )
         # (different batch sizes may take different BLAS paths: equal up to rounding)
         torch.testing.assert_close(batched[row], single[0], rtol=1e-12, atol=1e-12)
 
@@ -242,21 +272,34 @@ def test_gradients_match_finite_differences(tiny: Model, tokens):
         return logits[:, -1, target].sum()
 
     gen = torch.Generator().manual_seed(11)
-    for site in ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_mid", "blocks.0.mlp.hook_post", "blocks.1.attn.hook_v", "blocks.2.attn.hook_pattern"]:
+    for site in [
+        "blocks.0.hook_resid_pre",
+        "blocks.1.hook_resid_mid",
+        "blocks.0.mlp.hook_post",
+        "blocks.1.attn.hook_v",
+        "blocks.2.attn.hook_pattern",
+    ]:
         with tiny.sites(grad=[site]) as run:
             g = run.grads(metric(tiny(tokens)))[site]
         _, c = tiny.run_with_cache(tokens, [site])
         d = torch.randn(c[site].shape, dtype=torch.float64, generator=gen)
         eps = 1e-5
         with torch.no_grad():
-            up = metric(tiny.run_with_cache(tokens, [], patches=[Patch(site, eps * d, op="add")])[0])
-            dn = metric(tiny.run_with_cache(tokens, [], patches=[Patch(site, -eps * d, op="add")])[0])
+            up = metric(
+                tiny.run_with_cache(tokens, [], patches=[Patch(site, eps * d, op="add")])[0]
+            )
+            dn = metric(
+                tiny.run_with_cache(tokens, [], patches=[Patch(site, -eps * d, op="add")])[0]
+            )
         fd = (up - dn) / (2 * eps)
         torch.testing.assert_close((g * d).sum(), fd, rtol=1e-6, atol=1e-8, msg=site)
 
 
 def test_detach_blocks_gradient(tiny: Model, tokens):
-    with tiny.sites(grad=["blocks.0.hook_resid_pre"], patches=[Patch(f"blocks.{i}.hook_resid_post", op="detach") for i in [0]]) as run:
+    with tiny.sites(
+        grad=["blocks.0.hook_resid_pre"],
+        patches=[Patch(f"blocks.{i}.hook_resid_post", op="detach") for i in [0]],
+    ) as run:
         g = run.grads(tiny(tokens)[:, -1, 0].sum())["blocks.0.hook_resid_pre"]
     assert torch.all(g == 0)
 

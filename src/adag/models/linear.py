@@ -106,7 +106,9 @@ class Linearization(Session):
         # 1 - tanh²(z / c). Scale the gradient so that d(final)/dz = tanh(z / c) / (z / c).
         t = (z / c).detach()
         th = torch.tanh(t)
-        ratio = torch.where(t == 0, torch.ones_like(t), th / torch.where(t == 0, torch.ones_like(t), t))
+        ratio = torch.where(
+            t == 0, torch.ones_like(t), th / torch.where(t == 0, torch.ones_like(t), t)
+        )
         factor = ratio / (1.0 - th * th)
         return _swap_grad(z, z * factor)
 

@@ -13,6 +13,8 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,6 +84,27 @@ def find_alias_gguf(alias: Alias) -> Path | None:
     return None
 
 
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """No progress bars from transformers inside library calls (the CLI owns the terminal)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    # The GGUF de-quantiser calls tqdm directly, ignoring the switch above.
+    gguf_utils: Any = importlib.import_module("transformers.modeling_gguf_pytorch_utils")
+    orig = getattr(gguf_utils, "tqdm", None)
+    if orig is not None:
+        gguf_utils.tqdm = lambda it, *a, **k: it
+    try:
+        yield
+    finally:
+        if orig is not None:
+            gguf_utils.tqdm = orig
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
@@ -106,11 +129,13 @@ def convert_gguf(gguf: Path) -> Path:
 
     log.info("converting %s to safetensors under %s (once)", gguf, target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    hf: Any
     try:
-        hf = AutoModelForCausalLM.from_pretrained(
-            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
-        )
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        with _quiet_transformers():
+            hf = AutoModelForCausalLM.from_pretrained(
+                str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+            )
+            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     except Exception as e:  # transformers raises many types for unreadable files
         raise AdagError(f"cannot read GGUF file {gguf}: {str(e).splitlines()[0]}") from e
     if hasattr(hf.config, "quantization_config"):
@@ -118,8 +143,9 @@ def convert_gguf(gguf: Path) -> Path:
     hf.hf_quantizer = None
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
     try:
-        hf.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
+        with _quiet_transformers():
+            hf.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
         (tmp / "adag-source.txt").write_text(f"{gguf}\n")
         try:
             tmp.rename(target)
@@ -131,9 +157,7 @@ def convert_gguf(gguf: Path) -> Path:
     return target
 
 
-def _from_pretrained(
-    source: str, *, dtype: torch.dtype, device: str, what: str
-) -> tuple[Any, Any]:
+def _from_pretrained(source: str, *, dtype: torch.dtype, device: str, what: str) -> tuple[Any, Any]:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from adag.models.sites import ATTENTION_NAME, register_attention
@@ -151,19 +175,20 @@ def _from_pretrained(
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": ATTENTION_NAME}
     if device == "auto":
         kwargs["device_map"] = "auto"
-    hf = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    with _quiet_transformers():
+        hf: Any = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     if device != "auto":
         hf = hf.to(device)
     try:
         tok = AutoTokenizer.from_pretrained(source)
     except Exception as e:
-        raise AdagError(f"cannot load the tokenizer of {what} {source!r}: {str(e).splitlines()[0]}") from e
+        raise AdagError(
+            f"cannot load the tokenizer of {what} {source!r}: {str(e).splitlines()[0]}"
+        ) from e
     return hf, tok
 
 
-def load_model(
-    name: str = DEFAULT_MODEL, *, dtype: str = "float32", device: str = "cpu"
-) -> Model:
+def load_model(name: str = DEFAULT_MODEL, *, dtype: str = "float32", device: str = "cpu") -> Model:
     """Load a causal LM for adag.
 
     ``name``: a built-in alias (``adag models`` lists them; the default ``smollm2-135m`` runs
@@ -173,7 +198,12 @@ def load_model(
     """
     if dtype not in DTYPES:
         raise AdagError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    if not (device in ("cpu", "auto") or device == "cuda" or device.startswith("cuda:") or device == "mps"):
+    if not (
+        device in ("cpu", "auto")
+        or device == "cuda"
+        or device.startswith("cuda:")
+        or device == "mps"
+    ):
         raise AdagError(f"unsupported device {device!r}; use cpu, cuda, cuda:N or auto")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise AdagError(f"device {device!r} requested but CUDA is not available; use --device cpu")
@@ -189,7 +219,9 @@ def load_model(
             )
         elif os.environ.get("HF_HUB_OFFLINE") not in ("1", "true", "True"):
             try:
-                hf, tok = _from_pretrained(alias.hub_id, dtype=torch_dtype, device=device, what="model")
+                hf, tok = _from_pretrained(
+                    alias.hub_id, dtype=torch_dtype, device=device, what="model"
+                )
             except AdagError as e:
                 raise AdagError(
                     f"model {name!r} needs the package {alias.pip_name} "
@@ -202,13 +234,19 @@ def load_model(
     elif name.endswith(".gguf"):
         if not path.is_file():
             raise AdagError(f"GGUF file {name!r} does not exist; check the path")
-        hf, tok = _from_pretrained(str(convert_gguf(path)), dtype=torch_dtype, device=device, what="model")
+        hf, tok = _from_pretrained(
+            str(convert_gguf(path)), dtype=torch_dtype, device=device, what="model"
+        )
     elif path.is_dir():
         if not (path / "config.json").is_file():
-            raise AdagError(f"directory {name!r} has no config.json; give a save_pretrained directory")
+            raise AdagError(
+                f"directory {name!r} has no config.json; give a save_pretrained directory"
+            )
         hf, tok = _from_pretrained(str(path), dtype=torch_dtype, device=device, what="directory")
     elif "/" in name and not name.startswith((".", "/", "~")) and name.count("/") == 1:
-        hf, tok = _from_pretrained(name, dtype=torch_dtype, device=device, what="Hugging Face model")
+        hf, tok = _from_pretrained(
+            name, dtype=torch_dtype, device=device, what="Hugging Face model"
+        )
     elif path.exists() or "/" in name or name.startswith("."):
         raise AdagError(f"{name!r} is neither a model directory nor a .gguf file; check the path")
     else:

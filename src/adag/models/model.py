@@ -108,7 +108,9 @@ class Model:
         rows = [tok(t, add_special_tokens=True)["input_ids"] for t in texts]
         for t, r in zip(texts, rows, strict=True):
             if not r:
-                raise AdagError(f"prompt {t!r} is empty after tokenization; give a non-empty prompt")
+                raise AdagError(
+                    f"prompt {t!r} is empty after tokenization; give a non-empty prompt"
+                )
         lengths = {len(r) for r in rows}
         if len(lengths) > 1:
             raise AdagError(
@@ -139,7 +141,9 @@ class Model:
         if tokens.dim() == 1:
             tokens = tokens[None]
         if tokens.dim() != 2 or tokens.shape[1] == 0:
-            raise AdagError(f"tokens must be a non-empty (batch, pos) tensor, got shape {tuple(tokens.shape)}")
+            raise AdagError(
+                f"tokens must be a non-empty (batch, pos) tensor, got shape {tuple(tokens.shape)}"
+            )
         if self.n_ctx is not None and tokens.shape[1] > self.n_ctx:
             raise AdagError(
                 f"prompt is {tokens.shape[1]} tokens, longer than the model's context of "
@@ -166,7 +170,9 @@ class Model:
         top = probs.topk(min(k, probs.shape[-1]))
         decode = self.tokenizer.decode if self.tokenizer is not None else str
         return [
-            TokenProb(decode([i]) if self.tokenizer is not None else str(i), i, float(p), float(logits[i]))
+            TokenProb(
+                decode([i]) if self.tokenizer is not None else str(i), i, float(p), float(logits[i])
+            )
             for p, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)
         ]
 

@@ -6,6 +6,7 @@ float64 precision in exactness tests."""
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -39,12 +40,12 @@ def norm_apply(kind: NormKind, module: torch.nn.Module, x: Tensor, scale: Tensor
     """The norm's output for input ``x`` with the given scale (which may be frozen or patched)."""
     wd = work_dtype(x.dtype)
     xf = x.to(wd)
-    weight: Tensor = module.weight
+    weight = cast(Tensor, module.weight)
     if kind == "rms":
         return (weight.to(wd) * (xf * scale)).to(x.dtype)
     if kind == "rms_1p":
         return ((xf * scale) * (1.0 + weight.to(wd))).to(x.dtype)
-    bias: Tensor | None = getattr(module, "bias", None)
+    bias = cast("Tensor | None", getattr(module, "bias", None))
     out = (xf - xf.mean(-1, keepdim=True)) * scale * weight.to(wd)
     if bias is not None:
         out = out + bias.to(wd)

@@ -124,9 +124,7 @@ class Patch:
 
     def __post_init__(self) -> None:
         if self.op not in ("replace", "add", "scale", "detach", "fn"):
-            raise AdagError(
-                f"Patch op {self.op!r} is not one of replace, add, scale, detach, fn"
-            )
+            raise AdagError(f"Patch op {self.op!r} is not one of replace, add, scale, detach, fn")
         if self.op == "fn" and not callable(self.value):
             raise AdagError("Patch op 'fn' needs a callable value(x, cache) -> x")
         if self.op in ("replace", "add", "scale") and self.value is None:
@@ -166,11 +164,13 @@ class Patch:
             assert callable(self.value)
             new = self.value(cur, cache)
         else:
-            val = self.value
+            val: Any = self.value
             if isinstance(val, Tensor):
                 val = val.to(device=x.device, dtype=x.dtype)
             if self.op == "replace":
-                new = torch.broadcast_to(val, cur.shape) if isinstance(val, Tensor) else cur * 0 + val
+                new = (
+                    torch.broadcast_to(val, cur.shape) if isinstance(val, Tensor) else cur * 0 + val
+                )
             elif self.op == "add":
                 new = cur + val
             else:
@@ -412,7 +412,9 @@ class Dispatch:
         kind = self.spec.norm
         return norm_apply(kind, module, x, norm_scale(kind, x, norm_eps(module)))
 
-    def _act(self, kind: str, arg: Any, module: torch.nn.Module, args: tuple[Any, ...], x: Tensor) -> Tensor:
+    def _act(
+        self, kind: str, arg: Any, module: torch.nn.Module, args: tuple[Any, ...], x: Tensor
+    ) -> Tensor:
         if kind == "site":
             return self.site(arg, x)
         if kind == "norm":
@@ -434,7 +436,9 @@ class Dispatch:
                     x = s.resid_mid(mid, r, x)
             return x
         if kind == "stash_g" or kind == "stash_u":
-            x = self.site(f"blocks.{arg}.mlp.{'hook_pre' if kind == 'stash_g' else 'hook_pre_linear'}", x)
+            x = self.site(
+                f"blocks.{arg}.mlp.{'hook_pre' if kind == 'stash_g' else 'hook_pre_linear'}", x
+            )
             if any(s.wants_mlp_inputs() for s in self.sessions):
                 (self.mlp_g if kind == "stash_g" else self.mlp_u)[arg] = x
             return x
@@ -475,7 +479,7 @@ def layer_modules(hf: torch.nn.Module, spec: ArchSpec) -> list[torch.nn.Module]:
     return list(layers)
 
 
-def install(hf: torch.nn.Module, spec: ArchSpec, act: str) -> Dispatch:
+def install(hf: Any, spec: ArchSpec, act: str) -> Dispatch:
     """Put adag's hooks on ``hf`` (once) and route its attention through :func:`adag_attention`."""
     existing = getattr(hf, "_adag_dispatch", None)
     if isinstance(existing, Dispatch):
@@ -503,14 +507,16 @@ def install(hf: torch.nn.Module, spec: ArchSpec, act: str) -> Dispatch:
         on_output(_get(block, spec.mlp_in), ("stash_g", layer))
         if spec.mlp_in_linear is not None:
             on_output(_get(block, spec.mlp_in_linear), ("stash_u", layer))
-        d.handles.append(_get(block, spec.mlp_down).register_forward_pre_hook(d._mlp_post_pre(layer)))
+        d.handles.append(
+            _get(block, spec.mlp_down).register_forward_pre_hook(d._mlp_post_pre(layer))
+        )
         on_output(_get(block, spec.mlp_out_module), ("site", f"blocks.{layer}.hook_mlp_out"))
         on_output(block, ("site", f"blocks.{layer}.hook_resid_post"))
     on_output(_get(hf, spec.final_norm), ("norm", "ln_final"))
     on_output(_get(hf, spec.unembed), ("logits", None))
     for mod, actions in outputs.values():
         d.handles.append(mod.register_forward_hook(d._output_hook(actions)))
-    hf._adag_dispatch = d  # type: ignore[assignment]
+    hf._adag_dispatch = d
     hf.config._attn_implementation = ATTENTION_NAME
     return d
 

