@@ -119,10 +119,14 @@ def main() -> None:
             times.append(time.perf_counter() - t)
         results[f"{name}_backward_ms"] = 1e3 * statistics.median(times)
     results["hook_overhead_ratio"] = results["forward_ms"] / results["hf_eager_forward_ms"]
-    results["linear_vs_plain_backward"] = results["linear_backward_ms"] / results["plain_backward_ms"]
+    results["linear_vs_plain_backward"] = (
+        results["linear_backward_ms"] / results["plain_backward_ms"]
+    )
     results["linear_vs_plain_fwd_bwd"] = results["linear_fwd_bwd_ms"] / results["plain_fwd_bwd_ms"]
 
-    print(f"# adag foundation benchmark — SmolLM2-135M float32, 32-token prompt, threads={args.threads}")
+    print(
+        f"# adag foundation benchmark — SmolLM2-135M float32, 32-token prompt, threads={args.threads}"
+    )
     print(f"| {'metric':<28} | {'value':>10} |")
     print(f"|{'-' * 30}|{'-' * 12}|")
     for k, v in results.items():

@@ -71,3 +71,26 @@ def test_linearised_forward_and_completeness_on_real_model(smollm2: Model):
     # Llama has no biases: the logit is exactly Σ embedding · gradient (float32 rounding aside)
     total = (run.cache[pre0].double() * g.double()).sum().item()
     assert abs(total - metric.item()) <= 1e-3 * abs(metric.item())
+
+
+def test_linearised_gradient_equals_reference_finite_difference_real_model(smollm2: Model):
+    """float32 version of the tiny-model check: the frozen reference forward is affine, so a
+    central difference with a large step is exact up to float32 rounding."""
+    from .test_linear import TARGET, _reference_metric, _reference_patches
+
+    m = smollm2
+    toks = m.to_tokens(FRANCE)
+    site = "blocks.0.hook_resid_pre"
+    with linearize(m), m.sites(grad=[site]) as run:
+        g = run.grads(m(toks)[0, -1, TARGET])[site]
+    patches, reads, clean = _reference_patches(m, toks, "relp")
+    d = torch.randn(g.shape, generator=torch.Generator().manual_seed(0))
+    eps = 0.05
+    vals = []
+    for sign in (1, -1):
+        _, c = m.run_with_cache(
+            toks, reads, patches=[*patches, Patch(site, sign * eps * d, op="add")]
+        )
+        vals.append(_reference_metric(m, c, clean))
+    fd = (vals[0] - vals[1]) / (2 * eps)
+    torch.testing.assert_close((g * d).sum(), fd, rtol=2e-3, atol=2e-3)
