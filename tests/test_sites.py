@@ -49,6 +49,16 @@ def mlp_out_by_hand(model: Model, layer: int, post: torch.Tensor) -> torch.Tenso
     return out
 
 
+def check_sublayer_outputs(m: Model, c: dict, layer: int, tol: float) -> None:
+    """attn_out = Σ over heads of z·W_O (+ bias) and mlp_out = hook_post · W_down (+ bias), each
+    followed by its post-norm if the architecture has one."""
+    p = f"blocks.{layer}."
+    z, post = c[p + "attn.hook_z"], c[p + "mlp.hook_post"]
+    got = (c[p + "hook_attn_out"], c[p + "hook_mlp_out"])
+    want = (attn_out_by_hand(m, layer, z), mlp_out_by_hand(m, layer, post))
+    torch.testing.assert_close(want, got, rtol=tol, atol=tol)
+
+
 def test_forward_bit_identical_to_hf_eager_float32():
     for arch in ARCHS:
         eager = tiny_hf(arch, torch.float32)
@@ -97,20 +107,7 @@ def test_reading_matches_recomputation(tiny: Model, tokens):
     n_rep = tiny.n_heads // tiny.n_kv_heads
     for layer in range(tiny.n_layers):
         p = f"blocks.{layer}."
-        # attention output = Σ over heads of z·W_O (+ bias), then the post-norm if any
-        torch.testing.assert_close(
-            attn_out_by_hand(tiny, layer, c[p + "attn.hook_z"]),
-            c[p + "hook_attn_out"],
-            rtol=1e-12,
-            atol=1e-12,
-        )
-        # MLP output = hook_post · W_down (+ bias), then the post-norm if any
-        torch.testing.assert_close(
-            mlp_out_by_hand(tiny, layer, c[p + "mlp.hook_post"]),
-            c[p + "hook_mlp_out"],
-            rtol=1e-12,
-            atol=1e-12,
-        )
+        check_sublayer_outputs(tiny, c, layer, tol=1e-12)
         # neurons = act(gate) * up (gated) or act(pre)
         act = tiny.submodule(tiny.spec.mlp, layer)
         act_fn = getattr(act, "act_fn", None) or act.act

@@ -8,7 +8,7 @@ from adag.models.linear import linearize
 from adag.models.model import Model
 from adag.models.sites import Patch
 
-from .test_sites import attn_out_by_hand, mlp_out_by_hand
+from .test_sites import check_sublayer_outputs
 
 FRANCE = "The capital of France is"
 IOI = "When Mary and John went to the store, John gave a drink to"
@@ -35,18 +35,7 @@ def test_sites_recompute_on_real_model(smollm2: Model):
     logits, c = m.run_with_cache(toks, m.site_names())
     for layer in (0, 14, 29):
         p = f"blocks.{layer}."
-        torch.testing.assert_close(
-            attn_out_by_hand(m, layer, c[p + "attn.hook_z"]),
-            c[p + "hook_attn_out"],
-            rtol=1e-4,
-            atol=1e-4,
-        )
-        torch.testing.assert_close(
-            mlp_out_by_hand(m, layer, c[p + "mlp.hook_post"]),
-            c[p + "hook_mlp_out"],
-            rtol=1e-4,
-            atol=1e-4,
-        )
+        check_sublayer_outputs(m, c, layer, tol=1e-4)
         assert torch.equal(
             c[p + "hook_resid_pre"] + c[p + "hook_attn_out"], c[p + "hook_resid_mid"]
         )
