@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -88,6 +89,71 @@ def predict(
     for i, tp in enumerate(top, 1):
         t.add_row(str(i), repr(tp.token), str(tp.id), f"{tp.prob:.4f}")
     Console().print(t)
+
+
+@app.command()
+def patch(
+    out: Annotated[Path, typer.Option("--out", help="run directory (writes RUN_DIR/patching/)")],
+    model: Annotated[
+        str, typer.Option(help="alias, Hugging Face id, local directory or .gguf")
+    ] = "smollm2-135m",
+    task: Annotated[str, typer.Option(help="built-in task: ioi or capitals")] = "ioi",
+    n_pairs: Annotated[int, typer.Option(help="how many prompt pairs to generate")] = 20,
+    pairs: Annotated[Path | None, typer.Option(help="JSONL prompt pairs (replaces --task)")] = None,
+    method: Annotated[
+        str,
+        typer.Option(help="atp_star, atp, atp_qk, atp_graddrop, exhaustive, exhaustive_denoising"),
+    ] = "atp_star",
+    nodes: Annotated[
+        str, typer.Option(help="heads, qkv, neurons, neurons_pos, sublayers, all (comma-separated)")
+    ] = "heads",
+    evaluate: Annotated[
+        bool,
+        typer.Option(
+            "--evaluate", help="run estimators, baselines and ground truth; write cost curves"
+        ),
+    ] = False,
+    batch_size: Annotated[int, typer.Option(help="patched copies per forward pass")] = 32,
+    seed: Annotated[int, typer.Option(help="seed for the built-in task")] = 0,
+    dtype: Annotated[str, typer.Option(help="float32, float64, bfloat16 or float16")] = "float32",
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto")] = "cpu",
+) -> None:
+    """Localise a behaviour: AtP* (or another method) over prompt pairs; --evaluate compares every
+    method with exhaustive activation patching."""
+    from adag.models.load import load_model
+    from adag.patching.nodes import node_set
+    from adag.patching.run import METHODS, patch_command
+    from adag.tasks import load_pairs, make_task
+
+    err = Console(stderr=True)
+    try:
+        if method not in METHODS:
+            raise AdagError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+        if n_pairs < 1:
+            raise AdagError(f"--n-pairs must be at least 1, got {n_pairs}")
+        if batch_size < 1:
+            raise AdagError(f"--batch-size must be at least 1, got {batch_size}")
+        prompt_pairs = load_pairs(pairs) if pairs is not None else None
+        m = load_model(model, dtype=dtype, device=device)
+        node_set(m, nodes, 1)  # validate the node spec before any work
+        if prompt_pairs is None:
+            with err.status(f"generating {task} pairs"):
+                prompt_pairs = make_task(task, m, n_pairs, seed=seed)
+        with err.status("patching") as status:
+            result = patch_command(
+                m,
+                prompt_pairs,
+                out,
+                method=method,
+                nodes=nodes,
+                batch_size=batch_size,
+                evaluate_all=evaluate,
+                progress=lambda msg: status.update(f"patching: {msg}"),
+            )
+    except AdagError as e:
+        _fail(str(e))
+        return
+    typer.echo(json.dumps(result, indent=2, default=str))
 
 
 def main() -> None:

@@ -1,0 +1,242 @@
+"""``adag patch``: run localisation methods over a task and write their tables, plots and (with
+``evaluate``) the cost-versus-recall evaluation against ground truth into ``RUN_DIR/patching/``."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from adag.errors import AdagError
+from adag.patching.atp import atp
+from adag.patching.patch import PatchingOracle, exhaustive, tokenized
+from adag.patching.scores import NodeScores
+
+if TYPE_CHECKING:
+    from adag.models.model import Model
+
+ESTIMATORS: dict[str, dict[str, bool]] = {
+    "atp": {},
+    "atp_qk": {"qk_fix": True},
+    "atp_graddrop": {"grad_drop": True},
+    "atp_star": {"qk_fix": True, "grad_drop": True},
+}
+METHODS = (*ESTIMATORS, "exhaustive", "exhaustive_denoising")
+BASELINES = ("iterative", "subsampling", "blocks", "hierarchical")
+
+
+def run_method(
+    model: Model,
+    pairs: Sequence[object],
+    method: str,
+    *,
+    nodes: str = "heads",
+    metric: Any = None,
+    batch_size: int = 32,
+    progress: Callable[[int, int], None] | None = None,
+) -> NodeScores:
+    """One method by name (see :data:`METHODS`)."""
+    if method in ESTIMATORS:
+        opts = ESTIMATORS[method]
+        return atp(
+            model,
+            pairs,
+            nodes=nodes,
+            metric=metric,
+            progress=progress,
+            qk_fix=opts.get("qk_fix", False),
+            grad_drop=opts.get("grad_drop", False),
+        )
+    if method in ("exhaustive", "exhaustive_denoising"):
+        direction = "denoising" if method.endswith("denoising") else "noising"
+        return exhaustive(
+            model,
+            pairs,
+            nodes=nodes,
+            metric=metric,
+            direction=direction,  # type: ignore[arg-type]
+            batch_size=batch_size,
+            progress=progress,
+        )
+    raise AdagError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def plot_top_nodes(scores: NodeScores, path: Path, *, k: int = 30) -> Path:
+    """A horizontal bar chart of the ``k`` nodes with the largest ``|estimate|`` (PNG, atomic)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    top = scores.top(k)
+    fig = Figure(figsize=(7, 0.25 * len(top) + 1.2))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    names = [n for n, _ in top][::-1]
+    vals = [v for _, v in top][::-1]
+    ax.barh(names, vals, color=["tab:blue" if v >= 0 else "tab:red" for v in vals])
+    ax.set_xlabel("estimate (mean over pairs)")
+    ax.set_title(f"{scores.method}: top {len(top)} nodes")
+    ax.tick_params(axis="y", labelsize=7)
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=100)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def evaluate(
+    model: Model,
+    pairs: Sequence[object],
+    out_dir: Path,
+    *,
+    nodes: str = "heads",
+    metric: Any = None,
+    estimators: Sequence[str] = ("atp", "atp_qk", "atp_star"),
+    baselines: Sequence[str] = BASELINES,
+    batch_size: int = 32,
+    bound_ks: Sequence[int] = (0, 10, 20, 50, 100),
+    bound_subsets: int = 200,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Estimators and baselines against exhaustive patching: writes every table, ``curves.parquet``
+    / ``curves.png`` (cost to find the true top-x nodes), ``bound.parquet`` (θ against K for the
+    first estimator) and ``evaluation.json`` (recall, ranks, costs, times)."""
+    from adag.patching import baselines as bl
+    from adag.patching.bound import bound_curve
+    from adag.patching.evaluate import curves, curves_table, plot_curves, recall_at, write_curves
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    say = progress or (lambda _msg: None)
+    toks = tokenized(model, pairs)
+    say("ground truth (exhaustive patching)")
+    truth = exhaustive(model, toks, nodes=nodes, metric=metric, batch_size=batch_size)
+    truth.save(out_dir / "exhaustive.parquet")
+    effects = truth.estimate
+    n_pairs = len(toks)
+    results = []
+    summary: dict[str, Any] = {
+        "n_pairs": n_pairs,
+        "n_nodes": len(truth.nodes),
+        "nodes": nodes,
+        "exhaustive": {"seconds": truth.seconds, "cost": truth.cost},
+    }
+    for name in estimators:
+        say(name)
+        est = run_method(model, toks, name, nodes=nodes, metric=metric).reindex(truth.nodes)
+        est.save(out_dir / f"{name}.parquet")
+        scores = np.abs(est.estimate)
+        results.append(bl.estimator(name, scores, est.cost))
+        top_true = min(20, len(effects))
+        order = np.argsort(-np.abs(effects), kind="stable")[: min(50, len(effects))]
+        rank = np.empty(len(scores), dtype=np.int64)
+        rank[np.lexsort((np.arange(len(scores)), -scores))] = np.arange(len(scores))
+        summary[name] = {
+            "seconds": est.seconds,
+            "cost": est.cost,
+            "speedup_vs_exhaustive": truth.seconds / max(est.seconds, 1e-9),
+            "recall_top20_in_top40": recall_at(
+                scores, effects, top_true=top_true, within=2 * top_true
+            ),
+            "true_top50_ranked_below_500": int((rank[order] >= 500).sum()),
+        }
+    oracle = PatchingOracle(model, toks, nodes=nodes, metric=metric, batch_size=batch_size)
+    rng_seed = seed
+    for name in baselines:
+        say(name)
+        if name == "iterative":
+            results.append(bl.iterative(oracle, seed=rng_seed))
+        elif name == "subsampling":
+            results.append(
+                bl.subsampling(oracle, n_samples=max(50, oracle.n_nodes // 4), seed=rng_seed)
+            )
+        elif name == "blocks":
+            results.append(bl.blocks(oracle, block_size=16, seed=rng_seed))
+        elif name == "hierarchical":
+            results.append(bl.hierarchical(oracle, branching=4, seed=rng_seed))
+        else:
+            raise AdagError(f"unknown baseline {name!r}; choose from {', '.join(BASELINES)}")
+    xs = np.arange(1, min(50, len(effects)) + 1)
+    cv = curves(results, effects, n_pairs=n_pairs, xs=xs)
+    write_curves(curves_table(cv, xs), out_dir / "curves.parquet")
+    plot_curves(
+        cv, xs, out_dir / "curves.png", title=f"cost to find the top-x true nodes ({nodes})"
+    )
+    if estimators:
+        say("false-negative bound")
+        first = next(r for r in results if r.name == estimators[-1])
+        ks = [k for k in bound_ks if k <= len(effects)]
+        bounds = bound_curve(oracle, first.order, ks, n_subsets=bound_subsets, seed=seed)
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.table(
+            {
+                "k": [b.k for b in bounds],
+                "theta": [b.theta for b in bounds],
+                "alpha": [b.alpha for b in bounds],
+                "cost": [b.cost for b in bounds],
+                "true_max_unverified": [
+                    float(np.abs(np.delete(effects, first.order[: b.k])).max())
+                    if b.k < len(effects)
+                    else 0.0
+                    for b in bounds
+                ],
+            }
+        )
+        fd, tmp = tempfile.mkstemp(prefix="bound.", suffix=".tmp", dir=out_dir)
+        os.close(fd)
+        pq.write_table(table, tmp)
+        os.replace(tmp, out_dir / "bound.parquet")
+        summary["bound"] = table.to_pylist()
+    _atomic_write_text(out_dir / "evaluation.json", json.dumps(summary, indent=2, default=float))
+    return summary
+
+
+def patch_command(
+    model: Model,
+    pairs: Sequence[object],
+    out: Path,
+    *,
+    method: str,
+    nodes: str,
+    batch_size: int = 32,
+    evaluate_all: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """What ``adag patch`` does: one method's table and plot, or the whole evaluation."""
+    out_dir = out / "patching"
+    if method not in METHODS:
+        raise AdagError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    t0 = time.perf_counter()
+    if evaluate_all:
+        return evaluate(
+            model, pairs, out_dir, nodes=nodes, batch_size=batch_size, progress=progress
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    scores = run_method(model, pairs, method, nodes=nodes, batch_size=batch_size)
+    table = scores.save(out_dir / f"{method}.parquet")
+    plot = plot_top_nodes(scores, out_dir / f"{method}.png")
+    return {
+        "table": str(table),
+        "plot": str(plot),
+        "seconds": time.perf_counter() - t0,
+        "top": scores.top(10),
+    }
