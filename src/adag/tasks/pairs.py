@@ -1,0 +1,320 @@
+"""Prompt pairs, their tokenization, the target metrics and the JSONL format.
+
+A *prompt pair* is the unit of activation patching and AtP (Kramár et al., 2024): a clean prompt on
+which the model shows the behaviour, a noise prompt of the same token length on which it does not,
+and the answer token (plus, for the default metric, a foil token). The metric is a scalar function
+of the clean-length logits at the last position — by default ``logit[answer] - logit[foil]``, as in
+the IOI work that AtP* evaluates on. Metrics stay differentiable so AtP can take their gradient.
+
+The file format (DESIGN.md, "Files users write") is JSONL, one object a line::
+
+    {"clean": "...", "noise": "...", "answer": " Mary", "foil": " John"}
+
+``answer`` and ``foil`` are single tokens of the model's tokenizer, with their leading space.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+from torch import Tensor
+
+from adag.errors import AdagError
+
+if TYPE_CHECKING:
+    from adag.models.model import Model
+
+FIELDS = ("clean", "noise", "answer", "foil")
+REQUIRED = ("clean", "noise", "answer")
+
+
+def _short(text: str, limit: int = 60) -> str:
+    """``repr`` of ``text``, cut to ``limit`` characters: names a pair in a one-line message."""
+    r = repr(text)
+    return r if len(r) <= limit else r[: limit - 4] + "...'"
+
+
+@dataclass(frozen=True)
+class PromptPair:
+    """A clean prompt, a noise prompt of the same token length, and the tokens the metric reads."""
+
+    clean: str
+    """The prompt on which the model shows the behaviour."""
+    noise: str
+    """The corrupted prompt (same token length as ``clean``) whose activations are patched in."""
+    answer: str
+    """The correct next token after ``clean``: one token with its leading space, e.g. ``" Mary"``."""
+    foil: str | None = None
+    """The competing token, e.g. ``" John"``; required by the logit-difference metric."""
+
+    def __post_init__(self) -> None:
+        for field in REQUIRED:
+            value = getattr(self, field)
+            if not isinstance(value, str):
+                raise AdagError(f"PromptPair.{field} must be a string, got {type(value).__name__}")
+        if self.foil is not None and not isinstance(self.foil, str):
+            raise AdagError(
+                f"PromptPair.foil must be a string or None, got {type(self.foil).__name__}"
+            )
+
+
+# eq=False: the fields are tensors, whose ``==`` is elementwise; identity equality is the honest one.
+@dataclass(frozen=True, eq=False)
+class TokenizedPair:
+    """A :class:`PromptPair` in token ids, ready for a model."""
+
+    pair: PromptPair
+    clean: Tensor
+    """Clean token ids, LongTensor ``1 pos``."""
+    noise: Tensor
+    """Noise token ids, LongTensor ``1 pos`` (same ``pos`` as ``clean``)."""
+    answer_id: int
+    foil_id: int | None
+
+    @property
+    def n_pos(self) -> int:
+        return int(self.clean.shape[1])
+
+
+def _token_ids(model: Model, text: str) -> list[int]:
+    """Ids of ``text`` as a continuation (no special tokens)."""
+    tok = model.tokenizer
+    if tok is None:
+        raise AdagError(f"model {model.name!r} has no tokenizer; prompt pairs need one")
+    return list(tok(text, add_special_tokens=False)["input_ids"])
+
+
+def _single_token(model: Model, text: str, field: str, where: str) -> int:
+    ids = _token_ids(model, text)
+    if len(ids) != 1:
+        tok = model.tokenizer
+        pieces = [tok.decode([i]) for i in ids]
+        raise AdagError(
+            f"{where}: {field} {text!r} is {len(ids)} tokens {pieces} for this tokenizer, not one; "
+            f"use a single token with its leading space (e.g. {pieces[0] if pieces else ' Mary'!r})"
+        )
+    return ids[0]
+
+
+def _tokenize(model: Model, pair: PromptPair, where: str) -> TokenizedPair:
+    for field in ("clean", "noise"):
+        if not getattr(pair, field):
+            raise AdagError(f"{where}: the {field} prompt is empty; give a non-empty prompt")
+    clean = model.to_tokens(pair.clean)
+    noise = model.to_tokens(pair.noise)
+    if clean.shape[1] != noise.shape[1]:
+        raise AdagError(
+            f"{where}: clean is {clean.shape[1]} tokens but noise is {noise.shape[1]}; "
+            f"patching needs equal lengths, so reword the noise prompt (e.g. swap in single-token names)"
+        )
+    answer_id = _single_token(model, pair.answer, "answer", where)
+    foil_id = None if pair.foil is None else _single_token(model, pair.foil, "foil", where)
+    return TokenizedPair(pair, clean, noise, answer_id, foil_id)
+
+
+def tokenize_pair(model: Model, pair: PromptPair) -> TokenizedPair:
+    """Tokenize one pair, checking equal clean/noise lengths and single-token answer and foil."""
+    return _tokenize(model, pair, f"pair {_short(pair.clean)}")
+
+
+def tokenize_pairs(model: Model, pairs: Sequence[PromptPair]) -> list[TokenizedPair]:
+    """:func:`tokenize_pair` over a list; errors name the pair's index."""
+    if not pairs:
+        raise AdagError("no prompt pairs given; pass at least one PromptPair")
+    return [_tokenize(model, p, f"pair {i} {_short(p.clean)}") for i, p in enumerate(pairs)]
+
+
+# -- metrics ---------------------------------------------------------------------------------------
+
+
+class Metric(Protocol):
+    """A scalar target per row: ``(logits batch pos d_vocab, pair) -> batch``, read at the last
+    position of the clean-length prompt. Must stay differentiable (AtP takes its gradient)."""
+
+    name: str
+
+    def __call__(self, logits: Tensor, pair: TokenizedPair) -> Tensor: ...
+
+
+def _last(logits: Tensor, name: str) -> Tensor:
+    """Last-position logits ``batch d_vocab``; half precisions are upcast to float32 so that
+    differences of large logits are not rounded away (float64 stays float64)."""
+    if logits.dim() != 3:
+        raise AdagError(
+            f"metric {name} needs logits of shape (batch, pos, d_vocab), got {tuple(logits.shape)}"
+        )
+    last = logits[:, -1]
+    if last.dtype in (torch.float16, torch.bfloat16):
+        last = last.float()
+    return last
+
+
+class _LogitDiff:
+    name = "logit_diff"
+
+    def __call__(self, logits: Tensor, pair: TokenizedPair) -> Tensor:
+        if pair.foil_id is None:
+            raise AdagError(
+                f"metric logit_diff needs a foil, but pair {_short(pair.pair.clean)} has none; "
+                f"add a foil token or use metric 'prob'"
+            )
+        last = _last(logits, self.name)
+        return last[:, pair.answer_id] - last[:, pair.foil_id]
+
+    def __repr__(self) -> str:
+        return "logit_diff()"
+
+
+class _AnswerProb:
+    name = "prob"
+
+    def __call__(self, logits: Tensor, pair: TokenizedPair) -> Tensor:
+        return _last(logits, self.name).softmax(-1)[:, pair.answer_id]
+
+    def __repr__(self) -> str:
+        return "answer_prob()"
+
+
+class _FnMetric:
+    """A user callable ``(logits, pair) -> (batch,)``, with its output shape checked."""
+
+    def __init__(self, fn: Callable[[Tensor, TokenizedPair], Tensor]) -> None:
+        self.fn = fn
+        self.name: str = getattr(fn, "__name__", None) or type(fn).__name__
+
+    def __call__(self, logits: Tensor, pair: TokenizedPair) -> Tensor:
+        out = self.fn(logits, pair)
+        if not isinstance(out, Tensor) or tuple(out.shape) != (logits.shape[0],):
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise AdagError(
+                f"metric {self.name} returned {got}; a metric must return one value per row, "
+                f"shape ({logits.shape[0]},)"
+            )
+        return out
+
+    def __repr__(self) -> str:
+        return f"metric({self.name})"
+
+
+def logit_diff() -> Metric:
+    """``logit[answer] - logit[foil]`` at the last position (the default metric)."""
+    return _LogitDiff()
+
+
+def answer_prob() -> Metric:
+    """``softmax(logits[:, -1])[answer]``."""
+    return _AnswerProb()
+
+
+METRICS: dict[str, Callable[[], Metric]] = {"logit_diff": logit_diff, "prob": answer_prob}
+
+
+def make_metric(spec: str | Callable[..., Any] | None) -> Metric:
+    """A metric from a name (``None`` or ``"logit_diff"``, ``"prob"``), a :class:`Metric` (returned
+    as is) or a callable ``(logits, pair) -> (batch,)`` (wrapped, its output shape checked)."""
+    if spec is None:
+        return logit_diff()
+    if isinstance(spec, str):
+        if spec not in METRICS:
+            raise AdagError(f"unknown metric {spec!r}; choose one of {', '.join(METRICS)}")
+        return METRICS[spec]()
+    if callable(spec):
+        if isinstance(getattr(spec, "name", None), str):
+            return spec  # type: ignore[return-value]  # already a Metric
+        return _FnMetric(spec)
+    raise AdagError(
+        f"metric must be a name ({', '.join(METRICS)}) or a callable (logits, pair) -> (batch,), "
+        f"got {type(spec).__name__}"
+    )
+
+
+# -- JSONL -----------------------------------------------------------------------------------------
+
+
+def _pair_from_json(obj: Any, where: str) -> PromptPair:
+    if not isinstance(obj, dict):
+        raise AdagError(
+            f'{where}: expected a JSON object like {{"clean": ..., "noise": ..., "answer": ...}}, '
+            f"got {type(obj).__name__}"
+        )
+    unknown = [k for k in obj if k not in FIELDS]
+    if unknown:
+        raise AdagError(
+            f"{where}: unknown field(s) {', '.join(map(repr, unknown))}; "
+            f"allowed: {', '.join(FIELDS)}"
+        )
+    missing = [k for k in REQUIRED if k not in obj]
+    if missing:
+        raise AdagError(
+            f"{where}: missing field(s) {', '.join(map(repr, missing))}; "
+            f"each line needs clean, noise and answer (foil optional)"
+        )
+    for k in FIELDS:
+        v = obj.get(k)
+        if k == "foil" and v is None:
+            continue
+        if not isinstance(v, str):
+            raise AdagError(f"{where}: field {k!r} must be a string, got {type(v).__name__}")
+    return PromptPair(obj["clean"], obj["noise"], obj["answer"], obj.get("foil"))
+
+
+def load_pairs(path: str | Path) -> list[PromptPair]:
+    """Read prompt pairs from a JSONL file (blank lines skipped). Errors name the file and line."""
+    p = Path(path)
+    if not p.is_file():
+        what = "is a directory" if p.is_dir() else "does not exist"
+        raise AdagError(f"prompt-pair file {str(path)!r} {what}; give a JSONL file")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise AdagError(
+            f"prompt-pair file {str(path)!r} is not UTF-8 text ({e.reason}); save it as UTF-8"
+        ) from e
+    pairs = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise AdagError(
+                f"{where}: not valid JSON ({e.msg} at column {e.colno}); "
+                f"write one JSON object per line"
+            ) from e
+        pairs.append(_pair_from_json(obj, where))
+    if not pairs:
+        raise AdagError(
+            f'no prompt pairs in {path}; write one JSON object a line: {{"clean": ..., '
+            f'"noise": ..., "answer": " Mary", "foil": " John"}}'
+        )
+    return pairs
+
+
+def save_pairs(pairs: Sequence[PromptPair], path: str | Path) -> None:
+    """Write ``pairs`` as JSONL atomically (a temp file in the same directory, then a rename)."""
+    if not pairs:
+        raise AdagError(f"no prompt pairs to save to {path}; pass at least one PromptPair")
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for pair in pairs:
+        obj = {"clean": pair.clean, "noise": pair.noise, "answer": pair.answer}
+        if pair.foil is not None:
+            obj["foil"] = pair.foil
+        lines.append(json.dumps(obj, ensure_ascii=False) + "\n")
+    fd, tmp = tempfile.mkstemp(prefix=p.name + ".tmp-", dir=p.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.writelines(lines)
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
