@@ -72,3 +72,70 @@ def test_python_dash_m_is_the_same_cli():
     assert p.stderr.strip().splitlines() == [
         "adag: error: unknown model 'nope'; use an alias (smollm2-135m), a Hugging Face id (org/name), a local directory or a .gguf file"
     ]
+
+
+def test_patch_writes_table_and_plot(tmp_path):
+    r = runner.invoke(
+        app,
+        ["patch", "--out", str(tmp_path), "--n-pairs", "2", "--method", "atp", "--nodes", "heads"],
+    )
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["top"][0][0].startswith("head:")
+    files = sorted(p.name for p in (tmp_path / "patching").iterdir())
+    assert files == ["atp.parquet", "atp.png"]
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(tmp_path / "patching" / "atp.parquet")
+    assert t.column_names == ["node", "estimate", "abs_estimate"]
+
+
+def test_patch_from_pairs_file(tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(
+        json.dumps(
+            {
+                "clean": "The capital of France is",
+                "noise": "The capital of Italy is",
+                "answer": " Paris",
+                "foil": " Rome",
+            }
+        )
+        + "\n"
+    )
+    r = runner.invoke(
+        app,
+        [
+            "patch",
+            "--out",
+            str(tmp_path / "run"),
+            "--pairs",
+            str(pairs),
+            "--method",
+            "atp_qk",
+            "--nodes",
+            "qkv",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "run" / "patching" / "atp_qk.parquet").is_file()
+
+
+def test_patch_errors_exit_2_and_write_nothing(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"clean": "a b", "noise": "a b c d", "answer": " x"}\n')
+    cases = [
+        (["--method", "magic"], "unknown method 'magic'"),
+        (["--nodes", "everything"], "unknown node set 'everything'"),
+        (["--n-pairs", "0"], "--n-pairs must be at least 1"),
+        (["--task", "sorting"], "sorting"),
+        (["--pairs", str(tmp_path / "missing.jsonl")], "missing.jsonl"),
+        (["--pairs", str(bad)], "clean is 2 tokens but noise is 4"),
+    ]
+    for extra, msg in cases:
+        out = tmp_path / "run"
+        r = runner.invoke(app, ["patch", "--out", str(out), *extra])
+        assert r.exit_code == 2, (extra, r.output)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and msg in lines[0], (extra, r.stderr)
+        assert not (out / "patching").exists()

@@ -228,3 +228,67 @@ def test_atp_star_columns_cost_and_table(tiny: Model, tmp_path):
         and df["node"].iloc[-1] == f"neuron:{tiny.n_layers - 1}:*:{tiny.d_mlp - 1}"
     )
     assert [p.name for p in tmp_path.iterdir()] == ["atp_star.parquet"]
+
+
+def test_evaluate_writes_every_artifact(tmp_path):
+    from adag.patching.run import evaluate
+    from tests.conftest import tiny_model
+
+    m = tiny_model("llama")
+    pairs = random_pairs(2, seed=12)
+    summary = evaluate(
+        m, pairs, tmp_path, nodes="heads", metric=logit_diff, bound_ks=(0, 5), bound_subsets=40
+    )
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == sorted(
+        [
+            "exhaustive.parquet",
+            "atp.parquet",
+            "atp_qk.parquet",
+            "atp_star.parquet",
+            "curves.parquet",
+            "curves.png",
+            "bound.parquet",
+            "evaluation.json",
+        ]
+    )
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert summary["n_nodes"] == m.n_layers * m.n_heads * 7
+    assert 0 <= summary["atp_star"]["recall_top20_in_top40"] <= 1
+    import pyarrow.parquet as pq
+
+    curves = pq.read_table(tmp_path / "curves.parquet").to_pandas()
+    assert set(curves["method"]) == {
+        "atp",
+        "atp_qk",
+        "atp_star",
+        "iterative",
+        "subsampling",
+        "blocks",
+        "hierarchical",
+    }
+    bound = pq.read_table(tmp_path / "bound.parquet").to_pylist()
+    assert [b["k"] for b in bound] == [0, 5] and bound[0]["theta"] >= bound[0][
+        "true_max_unverified"
+    ] * 0.5
+
+
+@pytest.mark.smollm2
+def test_atp_is_exact_where_linear_on_the_real_model(smollm2: Model):
+    """float32, SmolLM2: the last MLP's output per position and a few last-layer neurons reach the
+    metric linearly once the final-norm scale is fixed, so AtP equals patching there."""
+    from adag.tasks import ioi, tokenize_pairs
+
+    tp = tokenize_pairs(smollm2, ioi(smollm2, 1))[0]
+    t = tp.clean.shape[1]
+    last = smollm2.n_layers - 1
+    groups = [Group("mlp", last, None, True, (t,)), Group("attn", last, None, True, (t,))]
+    base = frozen_final_norm(smollm2, tp)
+    est = atp(smollm2, [tp], nodes=groups[:1], base_patches=base)
+    truth = exhaustive(smollm2, [tp], nodes=groups[:1], base_patches=base)
+    np.testing.assert_allclose(est.estimate, truth.estimate, rtol=1e-3, atol=1e-3)
+    assert np.abs(truth.estimate).max() > 0.1
+    # the last attention output feeds the last MLP: there AtP is only an approximation
+    est_a = atp(smollm2, [tp], nodes=groups[1:], base_patches=base)
+    truth_a = exhaustive(smollm2, [tp], nodes=groups[1:], base_patches=base)
+    assert np.corrcoef(est_a.estimate, truth_a.estimate)[0, 1] > 0.9

@@ -21,9 +21,25 @@ _EXPORTS = {
     "SiteRun": "adag.models.sites",
     "linearize": "adag.models.linear",
     "AdagError": "adag.errors",
+    "atp": "adag.patching.atp",
+    "atp_star": "adag.patching.atp",
+    "NodeScores": "adag.patching.scores",
+    "PromptPair": "adag.tasks.pairs",
 }
 
-__all__ = ["AdagError", "Model", "Patch", "SiteRun", "__version__", "linearize", "load_model"]
+__all__ = [
+    "AdagError",
+    "Model",
+    "NodeScores",
+    "Patch",
+    "PromptPair",
+    "SiteRun",
+    "__version__",
+    "atp",
+    "atp_star",
+    "linearize",
+    "load_model",
+]
 
 if TYPE_CHECKING:
     from adag.errors import AdagError
@@ -31,6 +47,9 @@ if TYPE_CHECKING:
     from adag.models.load import load_model
     from adag.models.model import Model
     from adag.models.sites import Patch, SiteRun
+    from adag.patching.atp import atp, atp_star
+    from adag.patching.scores import NodeScores
+    from adag.tasks.pairs import PromptPair
 
 
 def __getattr__(name: str) -> Any:

@@ -123,9 +123,9 @@ def evaluate(
     from adag.patching.bound import bound_curve
     from adag.patching.evaluate import curves, curves_table, plot_curves, recall_at, write_curves
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     say = progress or (lambda _msg: None)
-    toks = tokenized(model, pairs)
+    toks = tokenized(model, pairs)  # validate before anything is written
+    out_dir.mkdir(parents=True, exist_ok=True)
     say("ground truth (exhaustive patching)")
     truth = exhaustive(model, toks, nodes=nodes, metric=metric, batch_size=batch_size)
     truth.save(out_dir / "exhaustive.parquet")
@@ -230,8 +230,8 @@ def patch_command(
         return evaluate(
             model, pairs, out_dir, nodes=nodes, batch_size=batch_size, progress=progress
         )
-    out_dir.mkdir(parents=True, exist_ok=True)
     scores = run_method(model, pairs, method, nodes=nodes, batch_size=batch_size)
+    out_dir.mkdir(parents=True, exist_ok=True)
     table = scores.save(out_dir / f"{method}.parquet")
     plot = plot_top_nodes(scores, out_dir / f"{method}.png")
     return {
