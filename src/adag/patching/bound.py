@@ -43,17 +43,14 @@ The variance of ``d(n)`` is about (Σ_{j∈U} c(j)² + noise) / n_subsets, nearl
 ``p``: the bound is informative once the big nodes are verified (removed from ``U``), and it
 shrinks as K grows — see :func:`bound_curve`.
 
-Student-t quantiles use exact closed forms for ν < 3 (rounding ν down, which is conservative) and
-the Cornish–Fisher expansion (Abramowitz & Stegun 26.7.5) for ν ≥ 3 (scipy is not a dependency):
-error < 2e-3 for ν ≥ 5 and 1 − α ≤ 0.99, but it undershoots by 0.02 at ν = 3, 1 − α = 0.99 (and
-more at 0.999). With each node in and out of dozens of subsets ν is in the tens to hundreds.
+Student-t quantiles come from scipy (exact for fractional Welch degrees of freedom). With each
+node in and out of dozens of subsets ν is in the tens to hundreds.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -87,21 +84,16 @@ class BoundResult:
 
 def t_quantile(q: float, df: np.ndarray | float) -> np.ndarray:
     """Student-t quantile ``t_{q, df}`` for ``0.5 <= q < 1`` (vectorised over ``df``; ``inf`` →
-    normal). Exact for df < 3 after rounding df down (conservative); Cornish–Fisher otherwise."""
+    normal quantile; NaN or ``df < 1`` → ``inf``, i.e. no bound). Fractional ``df`` (Welch) is
+    used as is."""
+    from scipy.stats import t as student_t
+
     if not 0.5 <= q < 1.0:
         raise ValueError("q must be in [0.5, 1)")
     nu = np.asarray(df, dtype=np.float64)
-    z = NormalDist().inv_cdf(q)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        g1 = (z**3 + z) / 4
-        g2 = (5 * z**5 + 16 * z**3 + 3 * z) / 96
-        g3 = (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384
-        g4 = (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / 92160
-        cf = z + g1 / nu + g2 / nu**2 + g3 / nu**3 + g4 / nu**4
-    t1 = np.tan(np.pi * (q - 0.5))  # Cauchy
-    t2 = (2 * q - 1) / np.sqrt(2 * q * (1 - q))
-    out = np.where(nu >= 3, cf, np.where(nu >= 2, t2, t1))
-    return np.where(np.isnan(nu) | (nu < 1), np.inf, out)
+    bad = np.isnan(nu) | (nu < 1)
+    out = student_t.ppf(q, np.where(bad, 1.0, nu))
+    return np.where(bad, np.inf, out)
 
 
 def false_negative_bound(
