@@ -41,6 +41,7 @@ check: lint typecheck test
 
 bench: $(STAMP)
 	$(PY) bench/bench_foundation.py
+	$(PY) bench/bench_patching.py --n-pairs 4
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

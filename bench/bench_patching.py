@@ -110,6 +110,15 @@ def main() -> None:
             "worst_rank_of_true_top20": int(ranks[:20].max()),
         }
     res["true_top10"] = [(truth_ids[i], float(effects[i])) for i in order_true[:10]]
+    # keep the per-node numbers for analysis (ground truth on the subset, estimates on all nodes)
+    import pyarrow as pa
+
+    from adag.io import write_parquet
+
+    base = os.path.splitext(args.out)[0]
+    write_parquet(pa.table({"node": truth_ids, "effect": effects}), base + "-truth.parquet")
+    for name, sc in est.items():
+        sc.save(base + f"-{name}.parquet")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(res, f, indent=2)

@@ -13,13 +13,13 @@ Ties in ``|true effect|`` are broken by the smaller node id, everywhere.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
+from adag.io import save_figure, write_parquet
 from adag.patching.baselines import MethodResult, rank_by_magnitude
 
 __all__ = [
@@ -117,14 +117,6 @@ def curves(
     return out
 
 
-def _atomic_target(path: str | os.PathLike[str]) -> tuple[Path, str]:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    return path, tmp
-
-
 def plot_curves(
     curves: Mapping[str, np.ndarray],
     xs: Sequence[int] | np.ndarray,
@@ -154,14 +146,7 @@ def plot_curves(
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    path, tmp = _atomic_target(path)
-    try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return save_figure(fig, path)
 
 
 def curves_table(curves: Mapping[str, np.ndarray], xs: Sequence[int] | np.ndarray) -> pa.Table:
@@ -187,13 +172,4 @@ def curves_table(curves: Mapping[str, np.ndarray], xs: Sequence[int] | np.ndarra
 
 def write_curves(table: pa.Table, path: str | os.PathLike[str]) -> Path:
     """Write a :func:`curves_table` to parquet atomically (temporary file + rename)."""
-    import pyarrow.parquet as pq
-
-    path, tmp = _atomic_target(path)
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return write_parquet(table, path)

@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -14,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from adag.errors import AdagError
+from adag.io import save_figure, write_parquet, write_text
 from adag.patching.atp import atp
 from adag.patching.patch import PatchingOracle, exhaustive, tokenized
 from adag.patching.scores import NodeScores
@@ -67,13 +66,6 @@ def run_method(
     raise AdagError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def plot_top_nodes(scores: NodeScores, path: Path, *, k: int = 30) -> Path:
     """A horizontal bar chart of the ``k`` nodes with the largest ``|estimate|`` (PNG, atomic)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -90,15 +82,7 @@ def plot_top_nodes(scores: NodeScores, path: Path, *, k: int = 30) -> Path:
     ax.set_title(f"{scores.method}: top {len(top)} nodes")
     ax.tick_params(axis="y", labelsize=7)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
 def evaluate(
@@ -185,7 +169,6 @@ def evaluate(
         ks = [k for k in bound_ks if k <= len(effects)]
         bounds = bound_curve(oracle, first.order, ks, n_subsets=bound_subsets, seed=seed)
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
         table = pa.table(
             {
@@ -201,12 +184,9 @@ def evaluate(
                 ],
             }
         )
-        fd, tmp = tempfile.mkstemp(prefix="bound.", suffix=".tmp", dir=out_dir)
-        os.close(fd)
-        pq.write_table(table, tmp)
-        os.replace(tmp, out_dir / "bound.parquet")
+        write_parquet(table, out_dir / "bound.parquet")
         summary["bound"] = table.to_pylist()
-    _atomic_write_text(out_dir / "evaluation.json", json.dumps(summary, indent=2, default=float))
+    write_text(out_dir / "evaluation.json", json.dumps(summary, indent=2, default=float))
     return summary
 
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from adag.io import write_parquet
 
 
 @dataclass
@@ -93,19 +93,7 @@ class NodeScores:
 
     def save(self, path: str | Path) -> Path:
         """Write a parquet file atomically (temp file + rename)."""
-        import pyarrow.parquet as pq
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            pq.write_table(self.to_arrow(), tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path
+        return write_parquet(self.to_arrow(), path)
 
 
 def merge_pairs(

@@ -16,8 +16,6 @@ The file format (DESIGN.md, "Files users write") is JSONL, one object a line::
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +25,7 @@ import torch
 from torch import Tensor
 
 from adag.errors import AdagError
+from adag.io import write_text
 
 if TYPE_CHECKING:
     from adag.models.model import Model
@@ -302,19 +301,10 @@ def save_pairs(pairs: Sequence[PromptPair], path: str | Path) -> None:
     """Write ``pairs`` as JSONL atomically (a temp file in the same directory, then a rename)."""
     if not pairs:
         raise AdagError(f"no prompt pairs to save to {path}; pass at least one PromptPair")
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
     lines = []
     for pair in pairs:
         obj = {"clean": pair.clean, "noise": pair.noise, "answer": pair.answer}
         if pair.foil is not None:
             obj["foil"] = pair.foil
         lines.append(json.dumps(obj, ensure_ascii=False) + "\n")
-    fd, tmp = tempfile.mkstemp(prefix=p.name + ".tmp-", dir=p.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(lines)
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text(path, "".join(lines))
