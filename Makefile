@@ -23,6 +23,8 @@ $(STAMP): pyproject.toml | $(PY)
 
 demo: $(STAMP)
 	@for p in $(DEMO_PROMPTS); do $(VENV)/bin/adag predict smollm2-135m "$$p" -k 5 || exit $$?; done
+	$(VENV)/bin/adag patch --out runs/demo --task ioi --n-pairs 3 --method atp_star --nodes heads
+	@echo "AtP* table and plot: runs/demo/patching/atp_star.parquet, runs/demo/patching/atp_star.png"
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -77,7 +77,18 @@ def test_python_dash_m_is_the_same_cli():
 def test_patch_writes_table_and_plot(tmp_path):
     r = runner.invoke(
         app,
-        ["patch", "--out", str(tmp_path), "--n-pairs", "2", "--method", "atp", "--nodes", "heads"],
+        [
+            "patch",
+            "--out",
+            str(tmp_path),
+            "--n-pairs",
+            "2",
+            "--method",
+            "atp",
+            "--nodes",
+            "heads",
+            "--json",
+        ],
     )
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
@@ -119,6 +130,7 @@ def test_patch_from_pairs_file(tmp_path):
     )
     assert r.exit_code == 0, r.output
     assert (tmp_path / "run" / "patching" / "atp_qk.parquet").is_file()
+    assert "atp_qk: top nodes (1 pairs)" in r.stdout and "head:" in r.stdout
 
 
 def test_patch_errors_exit_2_and_write_nothing(tmp_path):
@@ -139,3 +151,30 @@ def test_patch_errors_exit_2_and_write_nothing(tmp_path):
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and msg in lines[0], (extra, r.stderr)
         assert not (out / "patching").exists()
+
+
+def test_patch_evaluate_prints_summary(tmp_path, monkeypatch):
+    """The --evaluate table (the evaluation itself is tested in test_patching.py)."""
+    import adag.patching.run as run
+
+    seen = {}
+
+    def fake_evaluate(model, pairs, out_dir, **kw):
+        seen["pairs"] = len(pairs)
+        return {
+            "n_pairs": len(pairs),
+            "n_nodes": 42,
+            "atp_star": {
+                "seconds": 1.0,
+                "recall_top20_in_top40": 0.9,
+                "true_top50_ranked_below_500": 1,
+            },
+        }
+
+    monkeypatch.setattr(run, "evaluate", fake_evaluate)
+    r = runner.invoke(app, ["patch", "--out", str(tmp_path), "--n-pairs", "2", "--evaluate"])
+    assert r.exit_code == 0, r.output
+    assert seen == {"pairs": 2}
+    assert (
+        "evaluation against exhaustive patching (42 nodes)" in r.stdout and "atp_star" in r.stdout
+    )

@@ -117,6 +117,7 @@ def patch(
     seed: Annotated[int, typer.Option(help="seed for the built-in task")] = 0,
     dtype: Annotated[str, typer.Option(help="float32, float64, bfloat16 or float16")] = "float32",
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto")] = "cpu",
+    as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
 ) -> None:
     """Localise a behaviour: AtP* (or another method) over prompt pairs; --evaluate compares every
     method with exhaustive activation patching."""
@@ -153,7 +154,35 @@ def patch(
     except AdagError as e:
         _fail(str(e))
         return
-    typer.echo(json.dumps(result, indent=2, default=str))
+    if as_json:
+        typer.echo(json.dumps(result, indent=2, default=str))
+        return
+    console = Console()
+    if "top" in result:
+        t = Table(title=f"{method}: top nodes ({len(prompt_pairs)} pairs)")
+        t.add_column("rank")
+        t.add_column("node")
+        t.add_column("estimate", justify="right")
+        for i, (node, value) in enumerate(result["top"], 1):
+            t.add_row(str(i), node, f"{value:+.4f}")
+        console.print(t)
+        console.print(f"wrote {result['table']} and {result['plot']}")
+    else:
+        t = Table(title=f"evaluation against exhaustive patching ({result['n_nodes']} nodes)")
+        for col in ("method", "seconds", "recall top-20 in top-40", "true top-50 below rank 500"):
+            t.add_column(col)
+        for name, row in result.items():
+            if isinstance(row, dict) and "recall_top20_in_top40" in row:
+                t.add_row(
+                    name,
+                    f"{row['seconds']:.1f}",
+                    f"{row['recall_top20_in_top40']:.2f}",
+                    str(row["true_top50_ranked_below_500"]),
+                )
+        console.print(t)
+        console.print(
+            f"wrote {out / 'patching'} (curves.png, curves.parquet, bound.parquet, evaluation.json)"
+        )
 
 
 def main() -> None:
