@@ -33,6 +33,7 @@ def main() -> None:
 
     import adag
     from adag.patching import atp, exhaustive
+    from adag.patching.baselines import rank_by_magnitude
     from adag.patching.nodes import Group
     from adag.tasks import make_task, tokenize_pairs
 
@@ -97,7 +98,7 @@ def main() -> None:
     for name, sc in est.items():
         score = np.abs(sc.estimate)
         rank_all = np.empty(len(score), dtype=np.int64)
-        rank_all[np.lexsort((np.arange(len(score)), -score))] = np.arange(len(score))
+        rank_all[rank_by_magnitude(score)] = np.arange(len(score))
         pos = {n: i for i, n in enumerate(sc.nodes)}
         ranks = np.array([rank_all[pos[truth_ids[i]]] for i in order_true[:50]])
         res[name] = {

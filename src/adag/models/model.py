@@ -12,7 +12,7 @@ from torch import Tensor
 
 from adag.errors import AdagError
 from adag.models.linear import linearize
-from adag.models.sites import Patch, SiteRun, install, layer_modules, site_names
+from adag.models.sites import Patch, SiteRun, get_module, install, layer_modules, site_names
 from adag.models.specs import ACTIVATIONS, SPECS, ActKind, ArchSpec, supported
 
 
@@ -179,10 +179,7 @@ class Model:
     def submodule(self, path: str, layer: int | None = None) -> torch.nn.Module:
         """The HF module at ``path`` (a spec path; relative to decoder layer ``layer`` if given)."""
         root = self.hf if layer is None else layer_modules(self.hf, self.spec)[layer]
-        mod = root
-        for part in path.split("."):
-            mod = getattr(mod, part)
-        return mod
+        return get_module(root, path)
 
     # -- sites -------------------------------------------------------------------------------
 

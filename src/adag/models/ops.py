@@ -61,8 +61,3 @@ def act_ratio(kind: ActKind, g: Tensor) -> Tensor:
     if kind == "gelu_tanh":
         return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (g + 0.044715 * g.pow(3))))
     return (g > 0).to(g.dtype)
-
-
-def act_apply(kind: ActKind, g: Tensor) -> Tensor:
-    """``act(g)`` (as ``g * ratio``; used only by reference computations in tests and tools)."""
-    return g * act_ratio(kind, g)

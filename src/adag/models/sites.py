@@ -466,7 +466,8 @@ class Dispatch:
         return hook
 
 
-def _get(root: torch.nn.Module, path: str) -> torch.nn.Module:
+def get_module(root: torch.nn.Module, path: str) -> torch.nn.Module:
+    """The submodule of ``root`` at a dotted attribute path."""
     mod = root
     for part in path.split("."):
         mod = getattr(mod, part)
@@ -474,7 +475,7 @@ def _get(root: torch.nn.Module, path: str) -> torch.nn.Module:
 
 
 def layer_modules(hf: torch.nn.Module, spec: ArchSpec) -> list[torch.nn.Module]:
-    layers = _get(hf, spec.layers)
+    layers = get_module(hf, spec.layers)
     assert isinstance(layers, torch.nn.ModuleList)
     return list(layers)
 
@@ -493,27 +494,27 @@ def install(hf: Any, spec: ArchSpec, act: str) -> Dispatch:
 
     for layer, block in enumerate(layer_modules(hf, spec)):
         d.handles.append(block.register_forward_pre_hook(d._layer_pre(layer), with_kwargs=True))
-        attn = _get(block, spec.attn)
+        attn = get_module(block, spec.attn)
         attn._adag_dispatch = d  # type: ignore[assignment]
         attn._adag_layer = layer  # type: ignore[assignment]
         for point in ("ln1", "ln2", "ln1_post", "ln2_post"):
             path = getattr(spec, point)
             if path is not None:
-                on_output(_get(block, path), ("norm", f"blocks.{layer}.{point}"))
+                on_output(get_module(block, path), ("norm", f"blocks.{layer}.{point}"))
         if spec.qk_norm:
             for path in (f"{spec.attn}.q_norm", f"{spec.attn}.k_norm"):
-                on_output(_get(block, path), ("exact_norm", None))
-        on_output(_get(block, spec.attn_out_module), ("attn_out", layer))
-        on_output(_get(block, spec.mlp_in), ("stash_g", layer))
+                on_output(get_module(block, path), ("exact_norm", None))
+        on_output(get_module(block, spec.attn_out_module), ("attn_out", layer))
+        on_output(get_module(block, spec.mlp_in), ("stash_g", layer))
         if spec.mlp_in_linear is not None:
-            on_output(_get(block, spec.mlp_in_linear), ("stash_u", layer))
+            on_output(get_module(block, spec.mlp_in_linear), ("stash_u", layer))
         d.handles.append(
-            _get(block, spec.mlp_down).register_forward_pre_hook(d._mlp_post_pre(layer))
+            get_module(block, spec.mlp_down).register_forward_pre_hook(d._mlp_post_pre(layer))
         )
-        on_output(_get(block, spec.mlp_out_module), ("site", f"blocks.{layer}.hook_mlp_out"))
+        on_output(get_module(block, spec.mlp_out_module), ("site", f"blocks.{layer}.hook_mlp_out"))
         on_output(block, ("site", f"blocks.{layer}.hook_resid_post"))
-    on_output(_get(hf, spec.final_norm), ("norm", "ln_final"))
-    on_output(_get(hf, spec.unembed), ("logits", None))
+    on_output(get_module(hf, spec.final_norm), ("norm", "ln_final"))
+    on_output(get_module(hf, spec.unembed), ("logits", None))
     for mod, actions in outputs.values():
         d.handles.append(mod.register_forward_hook(d._output_hook(actions)))
     hf._adag_dispatch = d

@@ -160,16 +160,14 @@ def _pair_estimates(
     qk_sites = [f"blocks.{i}.attn.hook_{x}" for i in qk_layers for x in ("q", "k", "attn_scores")]
     pat_sites = [f"blocks.{i}.attn.hook_pattern" for i in qk_layers]
     sites = ns.sites
+    read = [*sites, *qk_sites]
     with torch.no_grad():
-        _, noise = model.run_with_cache(
-            tp.noise, list(dict.fromkeys([*sites, *qk_sites])), patches=base_patches
-        )
+        _, noise = model.run_with_cache(tp.noise, read, patches=base_patches)
     state = _DropState()
     gates = _gate_patches(model, state) if grad_drop else []
-    grad_sites = list(dict.fromkeys([*sites, *pat_sites]))
     with model.sites(
-        read=list(dict.fromkeys([*sites, *qk_sites])),
-        grad=grad_sites,
+        read=read,
+        grad=[*sites, *pat_sites],
         patches=[*base_patches, *gates],
     ) as run:
         logits = model(tp.clean)

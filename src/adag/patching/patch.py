@@ -10,7 +10,7 @@ pass per node per pair, run ``batch_size`` at a time.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -96,6 +96,29 @@ def tokenized(model: Model, pairs: Sequence[object]) -> list[TokenizedPair]:
     raise AdagError("pairs must all be PromptPair (or all TokenizedPair) objects")
 
 
+def pair_patchers(
+    model: Model,
+    pairs: Sequence[object],
+    *,
+    nodes: str | Sequence[Group],
+    metric: str | Callable[..., Tensor] | None,
+    direction: Direction,
+    base_patches: Sequence[Patch],
+) -> Iterator[tuple[PairPatcher, int]]:
+    """One :class:`PairPatcher` per pair (built lazily, so only one pair's caches need be alive),
+    with the number of pairs. The pairs and the metric are checked before the first is built."""
+    from adag.tasks.pairs import make_metric
+
+    toks = tokenized(model, pairs)
+    met = make_metric(metric)
+    for tp in toks:
+        ns = node_set(model, nodes, tp.clean.shape[1])
+        yield (
+            PairPatcher(model, tp, ns, met, direction=direction, base_patches=base_patches),
+            len(toks),
+        )
+
+
 def exhaustive(
     model: Model,
     pairs: Sequence[object],
@@ -109,21 +132,18 @@ def exhaustive(
 ) -> NodeScores:
     """Ground truth: patch every node alone, for every pair. Cost: one forward per node per pair
     (plus two per pair for the clean and noise runs)."""
-    from adag.tasks.pairs import make_metric
-
     t0 = time.perf_counter()
-    toks = tokenized(model, pairs)
-    met = make_metric(metric)
     per_pair = []
     cost = 0.0
-    for j, tp in enumerate(toks):
-        ns = node_set(model, nodes, tp.clean.shape[1])
-        pp = PairPatcher(model, tp, ns, met, direction=direction, base_patches=base_patches)
-        eff = pp.effects([np.array([i]) for i in range(len(ns))], batch_size=batch_size)
-        per_pair.append((ns.ids(), eff))
+    patchers = pair_patchers(
+        model, pairs, nodes=nodes, metric=metric, direction=direction, base_patches=base_patches
+    )
+    for j, (pp, n_pairs) in enumerate(patchers):
+        eff = pp.effects([np.array([i]) for i in range(len(pp.nodes))], batch_size=batch_size)
+        per_pair.append((pp.nodes.ids(), eff))
         cost += pp.cost
         if progress:
-            progress(j + 1, len(toks))
+            progress(j + 1, n_pairs)
     out = merge_pairs(f"exhaustive_{direction}", per_pair, cost)
     out.seconds = time.perf_counter() - t0
     return out
@@ -144,23 +164,24 @@ class PatchingOracle:
         batch_size: int = 32,
         base_patches: Sequence[Patch] = (),
     ) -> None:
-        from adag.tasks.pairs import make_metric
-
-        toks = tokenized(model, pairs)
-        met = make_metric(metric)
-        self.patchers = []
-        self.ids: list[str] = []
+        self.patchers = [
+            pp
+            for pp, _ in pair_patchers(
+                model,
+                pairs,
+                nodes=nodes,
+                metric=metric,
+                direction=direction,
+                base_patches=base_patches,
+            )
+        ]
         index: dict[str, int] = {}
+        for pp in self.patchers:
+            for n in pp.nodes.ids():
+                index.setdefault(n, len(index))
         self._local: list[
             np.ndarray
         ] = []  # per pair: global node index -> local index (-1: absent)
-        for tp in toks:
-            ns = node_set(model, nodes, tp.clean.shape[1])
-            self.patchers.append(
-                PairPatcher(model, tp, ns, met, direction=direction, base_patches=base_patches)
-            )
-            for n in ns.ids():
-                index.setdefault(n, len(index))
         self.ids = list(index)
         for pp in self.patchers:
             m = np.full(len(self.ids), -1, dtype=np.int64)

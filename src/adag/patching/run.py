@@ -105,7 +105,14 @@ def evaluate(
     first estimator) and ``evaluation.json`` (recall, ranks, costs, times)."""
     from adag.patching import baselines as bl
     from adag.patching.bound import bound_curve
-    from adag.patching.evaluate import curves, curves_table, plot_curves, recall_at, write_curves
+    from adag.patching.evaluate import (
+        curves,
+        curves_table,
+        plot_curves,
+        rank_of_true_top,
+        recall_at,
+        write_curves,
+    )
 
     say = progress or (lambda _msg: None)
     toks = tokenized(model, pairs)  # validate before anything is written
@@ -129,9 +136,7 @@ def evaluate(
         scores = np.abs(est.estimate)
         results.append(bl.estimator(name, scores, est.cost))
         top_true = min(20, len(effects))
-        order = np.argsort(-np.abs(effects), kind="stable")[: min(50, len(effects))]
-        rank = np.empty(len(scores), dtype=np.int64)
-        rank[np.lexsort((np.arange(len(scores)), -scores))] = np.arange(len(scores))
+        ranks = rank_of_true_top(scores, effects, top_true=min(50, len(effects)))
         summary[name] = {
             "seconds": est.seconds,
             "cost": est.cost,
@@ -139,22 +144,21 @@ def evaluate(
             "recall_top20_in_top40": recall_at(
                 scores, effects, top_true=top_true, within=2 * top_true
             ),
-            "true_top50_ranked_below_500": int((rank[order] >= 500).sum()),
+            "true_top50_ranked_below_500": int((ranks >= 500).sum()),
         }
     oracle = PatchingOracle(model, toks, nodes=nodes, metric=metric, batch_size=batch_size)
-    rng_seed = seed
     for name in baselines:
         say(name)
         if name == "iterative":
-            results.append(bl.iterative(oracle, seed=rng_seed))
+            results.append(bl.iterative(oracle, seed=seed))
         elif name == "subsampling":
             results.append(
-                bl.subsampling(oracle, n_samples=max(50, oracle.n_nodes // 4), seed=rng_seed)
+                bl.subsampling(oracle, n_samples=max(50, oracle.n_nodes // 4), seed=seed)
             )
         elif name == "blocks":
-            results.append(bl.blocks(oracle, block_size=16, seed=rng_seed))
+            results.append(bl.blocks(oracle, block_size=16, seed=seed))
         elif name == "hierarchical":
-            results.append(bl.hierarchical(oracle, branching=4, seed=rng_seed))
+            results.append(bl.hierarchical(oracle, branching=4, seed=seed))
         else:
             raise AdagError(f"unknown baseline {name!r}; choose from {', '.join(BASELINES)}")
     xs = np.arange(1, min(50, len(effects)) + 1)

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from adag.io import write_parquet
+from adag.patching.baselines import rank_by_magnitude
 
 
 @dataclass
@@ -44,7 +45,7 @@ class NodeScores:
 
     def order(self) -> np.ndarray:
         """Node indices by decreasing ``|estimate|`` (ties by index)."""
-        return np.lexsort((np.arange(len(self.nodes)), -np.abs(self.estimate)))
+        return rank_by_magnitude(self.estimate)
 
     def top(self, k: int) -> list[tuple[str, float]]:
         est = self.estimate
@@ -103,13 +104,6 @@ def merge_pairs(
     columns: dict[str, list[np.ndarray]] | None = None,
 ) -> NodeScores:
     """Combine per-pair (ids, scores) lists into one table (nodes in first-seen order)."""
-    first = per_pair[0][0]
-    same = all(ids is first or ids == first for ids, _ in per_pair)
-    if same:
-        nodes = list(first)
-        mat = np.stack([s for _, s in per_pair])
-        cols = {k: np.stack(v).mean(0) for k, v in (columns or {}).items()}
-        return NodeScores(method, nodes, mat, cost, cols)
     index: dict[str, int] = {}
     for ids, _ in per_pair:
         for n in ids:
