@@ -10,20 +10,12 @@ import torch
 from adag.errors import AdagError
 from adag.models.linear import linearize
 from adag.models.model import Model
-from adag.models.ops import norm_apply
 from adag.models.sites import Patch
+
+from .reference import reference_logits, reference_patches
 
 RULES = ["relp", "frozen_gate", "stop"]
 TARGET = 7
-
-
-def _norm_points(m: Model) -> list[str]:
-    pts = []
-    for layer in range(m.n_layers):
-        for point in ("ln1", "ln2", "ln1_post", "ln2_post"):
-            if getattr(m.spec, point):
-                pts.append(f"blocks.{layer}.{point}.hook_scale")
-    return [*pts, "ln_final.hook_scale"]
 
 
 @pytest.mark.parametrize("rule", RULES)
@@ -60,56 +52,8 @@ def test_completeness(tiny: Model, tokens, rule):
     assert abs(total.item() - metric.item()) <= 1e-8 * abs(metric.item())
 
 
-def _reference_patches(
-    m: Model, tokens: torch.Tensor, rule: str
-) -> tuple[list[Patch], list[str], dict]:
-    """Patches that turn the model into the frozen reference: every scale and pattern replaced by
-    its clean value, every MLP's neurons by the rule's frozen formula."""
-    pats = [f"blocks.{i}.attn.hook_pattern" for i in range(m.n_layers)]
-    pre = [f"blocks.{i}.mlp.hook_pre" for i in range(m.n_layers)]
-    lin = [f"blocks.{i}.mlp.hook_pre_linear" for i in range(m.n_layers)] if m.spec.gated else []
-    post = [f"blocks.{i}.mlp.hook_post" for i in range(m.n_layers)]
-    last = f"blocks.{m.n_layers - 1}.hook_resid_post"
-    _, c = m.run_with_cache(tokens, [*pats, *pre, *lin, *post, *_norm_points(m), last])
-    patches = [Patch(n, c[n]) for n in [*pats, *_norm_points(m)]]
-    for layer in range(m.n_layers):
-        mlp = m.submodule(m.spec.mlp, layer)
-        act = getattr(mlp, "act_fn", None) or mlp.act
-        g_c = c[pre[layer]]
-        r_c = act(g_c) / g_c  # the frozen ratio, from the HF activation itself
-        u_c = c[lin[layer]] if lin else None
-        if rule == "stop":
-            fn = lambda x, live, v=c[post[layer]]: v  # noqa: E731
-        elif u_c is None:
-            fn = lambda x, live, r=r_c, n=pre[layer]: r * live[n]  # noqa: E731
-        elif rule == "frozen_gate":
-            fn = lambda x, live, a=act(g_c), n=lin[layer]: a * live[n]  # noqa: E731
-        else:
-            fn = lambda x, live, r=r_c, g0=g_c, u0=u_c, ng=pre[layer], nu=lin[layer]: (  # noqa: E731
-                0.5 * r * live[ng] * u0 + 0.5 * r * g0 * live[nu]
-            )
-        patches.append(Patch(post[layer], fn, op="fn"))
-    return patches, [*pre, *lin, last], c
-
-
 def _reference_metric(m: Model, cache: dict, clean: dict) -> torch.Tensor:
-    """The target logit from the last residual with the frozen final-norm scale and softcap ratio."""
-    last = cache[f"blocks.{m.n_layers - 1}.hook_resid_post"][0, -1]
-    s = clean["ln_final.hook_scale"][0, -1]
-    z = (
-        norm_apply(m.spec.norm, m.submodule(m.spec.final_norm), last, s)
-        @ m.submodule(m.spec.unembed).weight.T
-    )
-    zt = z[TARGET]
-    if m.final_softcap:
-        zc = torch.tensor(0.0, dtype=z.dtype)
-        last_c = clean[f"blocks.{m.n_layers - 1}.hook_resid_post"][0, -1]
-        zc = (
-            norm_apply(m.spec.norm, m.submodule(m.spec.final_norm), last_c, s)
-            @ m.submodule(m.spec.unembed).weight.T
-        )[TARGET]
-        zt = zt * (m.final_softcap * torch.tanh(zc / m.final_softcap) / zc)
-    return zt
+    return reference_logits(m, cache, clean, TARGET)[0]
 
 
 @pytest.mark.parametrize("rule", RULES)
@@ -118,7 +62,7 @@ def test_gradients_equal_reference_finite_differences(tiny: Model, tokens, rule)
     for site in ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_mid", "blocks.1.mlp.hook_post"]:
         with linearize(tiny, mlp=rule), tiny.sites(grad=[site]) as run:
             g = run.grads(tiny(tokens)[0, -1, TARGET])[site]
-        patches, reads, clean = _reference_patches(tiny, tokens, rule)
+        patches, reads, clean = reference_patches(tiny, tokens, rule)
         d = torch.randn(g.shape, dtype=torch.float64, generator=gen)
         eps = 1e-3
         vals = []

@@ -65,7 +65,8 @@ def test_linearised_forward_and_completeness_on_real_model(smollm2: Model):
 def test_linearised_gradient_equals_reference_finite_difference_real_model(smollm2: Model):
     """float32 version of the tiny-model check: the frozen reference forward is affine, so a
     central difference with a large step is exact up to float32 rounding."""
-    from .test_linear import TARGET, _reference_metric, _reference_patches
+    from .reference import reference_patches as _reference_patches
+    from .test_linear import TARGET, _reference_metric
 
     m = smollm2
     toks = m.to_tokens(FRANCE)

@@ -113,6 +113,25 @@ class Linearization(Session):
         return _swap_grad(z, z * factor)
 
 
+def post_partials(
+    rule: str, act: ActKind, gated: bool, g: Tensor, u: Tensor | None
+) -> tuple[Tensor, Tensor | None]:
+    """The linearised neuron's partial derivatives ``(d post/d g, d post/d u)`` under ``rule``,
+    elementwise at the values ``g`` (gate / input pre-activation) and ``u`` (up projection; None
+    for non-gated MLPs). Exactly what :meth:`Linearization.mlp_post` differentiates, in closed
+    form: seeding a backward pass at ``g`` and ``u`` with these values is the same as seeding it
+    at ``post`` with 1, without needing the MLP's own rule to be active (graph edges stop every
+    MLP but the target's, several target layers per pass)."""
+    if rule == "stop":
+        return torch.zeros_like(g), None if u is None else torch.zeros_like(u)
+    ratio = act_ratio(act, g)
+    if u is None or not gated:
+        return ratio, None
+    if rule == "frozen_gate":
+        return torch.zeros_like(g), ratio * g
+    return 0.5 * ratio * u, 0.5 * ratio * g
+
+
 def resolve_mlp_rules(mlp: str | Sequence[str] | Mapping[int, str], n_layers: int) -> list[str]:
     """One rule per layer from a single rule, a per-layer list, or ``{layer: rule}`` overrides
     of ``relp``."""
@@ -164,4 +183,4 @@ def linearize(
         model._dispatch.pop(lin)
 
 
-__all__ = ["MLP_RULES", "Linearization", "linearize"]
+__all__ = ["MLP_RULES", "Linearization", "linearize", "post_partials"]

@@ -151,11 +151,15 @@ class Model:
             )
         return tokens.to(self.device)
 
-    def __call__(self, tokens: Tensor | str | Sequence[str]) -> Tensor:
-        """Logits ``batch pos d_vocab`` for token ids (or prompts, tokenized with ``to_tokens``)."""
+    def __call__(self, tokens: Tensor | str | Sequence[str], *, last_only: bool = False) -> Tensor:
+        """Logits ``batch pos d_vocab`` for token ids (or prompts, tokenized with ``to_tokens``);
+        with ``last_only`` only the last position's (``batch 1 d_vocab``), which skips the
+        unembedding of every other position."""
         if not isinstance(tokens, Tensor):
             tokens = self.to_tokens(tokens)
         tokens = self._check_tokens(tokens)
+        if last_only:
+            return self.hf(input_ids=tokens, use_cache=False, logits_to_keep=1).logits
         out = self.hf(input_ids=tokens, use_cache=False)
         return out.logits
 

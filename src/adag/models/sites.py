@@ -176,7 +176,8 @@ class Patch:
             else:
                 new = cur * val
         if idx is None:
-            return torch.broadcast_to(new, x.shape)
+            # contiguous: some models .view() their inputs (GPT-2's Conv1D)
+            return torch.broadcast_to(new, x.shape).contiguous()
         out = x.clone()
         out[idx] = new
         return out
@@ -319,6 +320,40 @@ class SiteRun(Session):
             self.cache[name] = scale.detach()
         self._live[name] = scale
         return out
+
+    def value(self, name: str) -> Tensor:
+        """The live (differentiable) value of a site read, patched or differentiated in the
+        forward pass just run; valid until the session exits. Seed backward passes with it."""
+        if name not in self._live:
+            raise AdagError(f"site {name} was not read in this session; add it to read=")
+        return self._live[name]
+
+    def vjp(
+        self,
+        outputs: Sequence[Tensor],
+        grad_outputs: Sequence[Tensor],
+        *,
+        retain_graph: bool = False,
+    ) -> dict[str, Tensor]:
+        """Vector–Jacobian products: the gradient of ``Σ_i <outputs[i], grad_outputs[i]>`` with
+        respect to every ``grad`` site (zeros where there is no path). With a batch of identical
+        rows and seeds in different rows, one call gives one gradient per row."""
+        names = [n for n in self.grad if n in self.leaves]
+        leaves = [self.leaves[n] for n in names]
+        live = [(o, g) for o, g in zip(outputs, grad_outputs, strict=True) if o.requires_grad]
+        if not live:
+            return {n: torch.zeros_like(leaf) for n, leaf in zip(names, leaves, strict=True)}
+        gs = torch.autograd.grad(
+            [o for o, _ in live],
+            leaves,
+            grad_outputs=[g for _, g in live],
+            retain_graph=retain_graph,
+            allow_unused=True,
+        )
+        return {
+            n: (torch.zeros_like(leaf) if g is None else g)
+            for n, g, leaf in zip(names, gs, leaves, strict=True)
+        }
 
     def grads(self, metric: Tensor, *, retain_graph: bool = False) -> dict[str, Tensor]:
         """Gradient of the scalar ``metric`` with respect to every ``grad`` site (zeros where the

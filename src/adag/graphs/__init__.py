@@ -1,0 +1,1 @@
+"""Attribution graphs: the ``Graph`` type, neuron tracing, pruning and export."""

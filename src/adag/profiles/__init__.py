@@ -1,0 +1,1 @@
+"""Attribution profiles of graph nodes."""

@@ -1,0 +1,456 @@
+"""Viewer JSON (``adag.graphs.export``): circuit-tracer's graph format, pinned by a golden file,
+and the exact round trip of adag-written files."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from adag.errors import AdagError
+from adag.graphs.export import (
+    INDEX_FILE,
+    from_circuit_tracer,
+    read_viewer,
+    slugify,
+    to_circuit_tracer,
+    viewer_node_ids,
+    write_viewer,
+)
+from adag.graphs.graph import Graph
+from adag.graphs.prune import cumulative_influence, node_influence, prune
+
+from .test_prune import make_graph, random_dag
+
+GOLDEN = Path(__file__).parent / "golden" / "viewer_graph.json"
+
+# circuit-tracer's field order (pydantic models in circuit_tracer/frontend/graph_models.py)
+NODE_FIELDS = [
+    "node_id",
+    "feature",
+    "layer",
+    "ctx_idx",
+    "feature_type",
+    "token_prob",
+    "is_target_logit",
+    "run_idx",
+    "reverse_ctx_idx",
+    "jsNodeId",
+    "clerp",
+    "influence",
+    "activation",
+]
+METADATA_FIELDS = [
+    "slug",
+    "scan",
+    "transcoder_list",
+    "prompt_tokens",
+    "prompt",
+    "node_threshold",
+    "schema_version",
+]
+
+
+def golden_graph(dtype: Any = np.float64) -> Graph:
+    """2 embeddings, 3 neurons over 2 layers, 2 logits, 8 edges; all values dyadic, so every
+    number in the export (influences included) is computed exactly on any machine."""
+    f = np.dtype(dtype)
+    return Graph(
+        node_ids=[
+            "embed:0",
+            "embed:1",
+            "neuron:0:1:5",
+            "neuron:0:1:7",
+            "neuron:1:1:3",
+            "logit:21",
+            "logit:22",
+        ],
+        node_kinds=["embed", "embed", "neuron", "neuron", "neuron", "logit", "logit"],
+        node_layer=np.array([-1, -1, 0, 0, 1, 2, 2], dtype=np.int64),
+        node_position=np.array([0, 1, 1, 1, 1, 1, 1], dtype=np.int64),
+        node_index=np.array([11, 12, 5, 7, 3, 21, 22], dtype=np.int64),
+        node_activation=np.array([1.5, 0.75, 2.0, -0.5, 1.25, 4.5, 3.25], dtype=f),
+        node_attribution=np.array([0.25, 1.0, 0.5, -0.125, 0.75, 0.75, -0.5], dtype=f),
+        node_tokens=["The", " café\n", " café\n", " café\n", " café\n", " sat", " ran"],
+        edge_source=np.array([0, 1, 1, 2, 3, 4, 3, 4], dtype=np.int64),
+        edge_target=np.array([2, 2, 3, 4, 4, 5, 5, 6], dtype=np.int64),
+        edge_weight=np.array([0.5, -1.5, 2.0, 1.25, -0.75, 0.5, 0.5, -1.0], dtype=f),
+        edge_flow=np.array([0.125, -0.5, 0.25, 0.375, -0.25, 0.5, 0.25, -0.75], dtype=f),
+        input_attr=np.array(
+            [
+                [0.5, 0.0],
+                [0.0, 1.0],
+                [0.25, -0.5],
+                [0.0, 0.75],
+                [0.125, 0.5],
+                [1.5, 2.0],
+                [-1.0, 0.5],
+            ],
+            dtype=f,
+        ),
+        output_attr=np.array(
+            [
+                [0.5, -0.5],
+                [1.0, -1.25],
+                [0.25, 0.0],
+                [0.5, -0.25],
+                [1.0, -1.0],
+                [4.5, 0.0],
+                [0.0, 3.25],
+            ],
+            dtype=f,
+        ),
+        target_ids=np.array([21, 22], dtype=np.int64),
+        target_tokens=[" sat", " ran"],
+        target_coef=np.array([1.0, -1.0], dtype=f),
+        target_logits=np.array([4.5, 3.25], dtype=f),
+        target_probs=np.array([0.75, 0.25], dtype=f),
+        prompt_ids=np.array([11, 12], dtype=np.int64),
+        prompt_tokens=["The", " café\n"],
+        prompt="The café\n",
+        metric=1.25,
+        settings={
+            "model": "tiny-llama",
+            "n_layers": 2,
+            "pruning": {"node_threshold": 0.8, "edge_threshold": 0.98},
+        },
+    )
+
+
+def golden_text() -> str:
+    data = to_circuit_tracer(golden_graph(), slug="golden")
+    return json.dumps(data, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+def test_golden_viewer_json() -> None:
+    # The viewer JSON is a contract (circuit-tracer's frontend and Neuronpedia read it). To change
+    # it deliberately, regenerate the file and review the diff field by field against
+    # circuit-tracer's graph_models.py:
+    #     ADAG_REGEN_GOLDEN=1 .venv/bin/pytest -q tests/test_export.py -k golden
+    text = golden_text()
+    if os.environ.get("ADAG_REGEN_GOLDEN") == "1":
+        from adag.io import write_text
+
+        write_text(GOLDEN, text)
+    assert GOLDEN.read_text(encoding="utf-8") == text
+
+
+def test_fields_follow_circuit_tracer() -> None:
+    g = golden_graph()
+    data = to_circuit_tracer(g, slug="golden")
+    assert list(data) == ["metadata", "qParams", "nodes", "links"]
+    meta = data["metadata"]
+    assert list(meta)[:7] == METADATA_FIELDS
+    assert meta["slug"] == "golden"
+    assert meta["scan"] == "tiny-llama"
+    assert meta["transcoder_list"] == []
+    assert meta["prompt_tokens"] == ["The", " café⏎"]  # circuit-tracer's process_token
+    assert meta["prompt"] == "The café\n"
+    assert meta["node_threshold"] == 0.8
+    assert meta["schema_version"] == 1
+    assert data["qParams"] == {
+        "pinnedIds": [],
+        "supernodes": [],
+        "linkType": "both",
+        "clickedId": "",
+        "sg_pos": "",
+    }
+    nodes = {n["adag_id"]: n for n in data["nodes"]}
+    assert all(list(n)[:13] == NODE_FIELDS for n in data["nodes"])
+    # influence: raw 0.90234375, 0.625, 0.609375, 0.390625, 0.09765625 (embed:1, neuron:1:1:3,
+    # neuron:0:1:7, neuron:0:1:5, embed:0); total 2.625; cumulative fraction in that order
+    cum = {"embed:1": 0.90234375 / 2.625, "neuron:1:1:3": 1.52734375 / 2.625}
+    base = {"token_prob": 0.0, "is_target_logit": False, "run_idx": 0, "reverse_ctx_idx": 0}
+    assert {k: nodes["neuron:1:1:3"][k] for k in NODE_FIELDS} == {
+        **base,
+        "node_id": "1_3_1",
+        "feature": (1 + 3) * (1 + 3 + 1) // 2 + 3,  # Node.feature_node's cantor_pairing
+        "layer": "1",
+        "ctx_idx": 1,
+        "feature_type": "cross layer transcoder",
+        "jsNodeId": "1_3-0",
+        "clerp": "",
+        "influence": cum["neuron:1:1:3"],
+        "activation": 1.25,
+    }
+    assert {k: nodes["embed:1"][k] for k in NODE_FIELDS} == {
+        **base,
+        "node_id": "E_12_1",
+        "feature": 1,
+        "layer": "E",
+        "ctx_idx": 1,
+        "feature_type": "embedding",
+        "jsNodeId": "E_12-1",
+        "clerp": "",
+        "influence": cum["embed:1"],
+        "activation": None,
+    }
+    assert {k: nodes["logit:21"][k] for k in NODE_FIELDS} == {
+        **base,
+        "node_id": "3_21_1",  # layer n_layers + 1
+        "feature": 21,
+        "layer": "3",
+        "ctx_idx": 1,
+        "feature_type": "logit",
+        "token_prob": 0.75,
+        "is_target_logit": True,
+        "jsNodeId": "L_21-1",
+        "clerp": 'Output " sat" (p=0.750)',
+        "influence": None,
+        "activation": None,
+    }
+    assert nodes["logit:22"]["is_target_logit"] is True
+    assert nodes["logit:22"]["token_prob"] == 0.25
+    assert data["links"][0] == {"source": "E_11_0", "target": "0_5_1", "weight": 0.5, "flow": 0.125}
+    assert data["links"][-1] == {
+        "source": "1_3_1",
+        "target": "3_22_1",
+        "weight": -1.0,
+        "flow": -0.75,
+    }
+
+
+def test_error_node_fields() -> None:
+    g = make_graph(
+        ["embed:0", "neuron:0:0:4", "error:1:2", "logit:21"],
+        [
+            ("embed:0", "neuron:0:0:4", 1.0),
+            ("neuron:0:0:4", "logit:21", 1.0),
+            ("error:1:2", "logit:21", 0.5),
+        ],
+        targets=[(21, " on", 1.0)],
+        n_layers=2,
+    )
+    node = to_circuit_tracer(g, slug="e")["nodes"][2]
+    assert {k: node[k] for k in ("node_id", "feature", "layer", "ctx_idx", "feature_type")} == {
+        "node_id": "1_-1_2",
+        "feature": -1,
+        "layer": "1",
+        "ctx_idx": 2,
+        "feature_type": "mlp reconstruction error",
+    }
+    assert node["jsNodeId"] == "1_-1-2"
+    assert node["activation"] is None
+    assert viewer_node_ids(g) == ["E_11_0", "0_4_0", "1_-1_2", "3_21_3"]
+
+
+def test_influence_is_circuit_tracers_cumulative_score() -> None:
+    g = random_dag(0)
+    data = to_circuit_tracer(g, slug="x")
+    cum = cumulative_influence(node_influence(g))
+    for row, node in enumerate(data["nodes"]):
+        assert node["influence"] == (None if node["adag_kind"] == "logit" else cum[row])
+    raw = np.linspace(1.0, 2.0, g.n_nodes)
+    data = to_circuit_tracer(g, slug="x", influence=raw)
+    assert data["nodes"][-4]["influence"] == cumulative_influence(raw)[-4]
+    with pytest.raises(AdagError, match="influence"):
+        to_circuit_tracer(g, slug="x", influence=raw[:-1])
+
+
+def test_supernodes_pinned_ids_labels_and_scan() -> None:
+    g = golden_graph()
+    data = to_circuit_tracer(
+        g,
+        slug="s",
+        scan=["tc-0", "tc-1"],
+        supernodes=[["early", "neuron:0:1:5", "neuron:0:1:7"], ["late", "neuron:1:1:3"]],
+        pinned_ids=["embed:0", "logit:22"],
+        labels={"neuron:0:1:7": "café neuron", "logit:21": "sat!", "neuron:9:9:9": "gone"},
+    )
+    assert data["qParams"]["supernodes"] == [["early", "0_5_1", "0_7_1"], ["late", "1_3_1"]]
+    assert data["qParams"]["pinnedIds"] == ["E_11_0", "3_22_1"]
+    clerps = {n["adag_id"]: n["clerp"] for n in data["nodes"]}
+    assert clerps["neuron:0:1:7"] == "café neuron"
+    assert clerps["logit:21"] == "sat!"
+    assert clerps["neuron:0:1:5"] == ""
+    meta = data["metadata"]
+    assert meta["transcoder_list"] == ["tc-0", "tc-1"]
+    assert meta["scan"].startswith("custom-")
+    assert meta["scan"] == to_circuit_tracer(g, slug="s", scan=["tc-0", "tc-1"])["metadata"]["scan"]
+    with pytest.raises(AdagError, match="not in this graph"):
+        to_circuit_tracer(g, slug="s", supernodes=[["x", "neuron:4:4:4"]])
+    with pytest.raises(AdagError, match="name"):
+        to_circuit_tracer(g, slug="s", supernodes=[["lonely"]])
+    with pytest.raises(AdagError, match="not in this graph"):
+        to_circuit_tracer(g, slug="s", pinned_ids=["embed:7"])
+
+
+def _noisy(g: Graph, seed: int) -> Graph:
+    """``g`` with every float field replaced by random, non-dyadic values of the same dtype."""
+    rng = np.random.default_rng(seed)
+    for name in ("node_activation", "node_attribution", "edge_flow", "input_attr", "output_attr"):
+        arr = getattr(g, name)
+        setattr(
+            g, name, (rng.normal(size=arr.shape) * 10.0 ** rng.integers(-8, 8)).astype(arr.dtype)
+        )
+    g.edge_weight = (rng.normal(size=g.n_edges) / 3).astype(g.edge_weight.dtype)
+    g.target_logits = (rng.normal(size=len(g.target_ids)) * 7).astype(g.target_logits.dtype)
+    g.metric = float(rng.normal() / 7)
+    g.settings["nested"] = {"list": [1, 2.5, "x"], "none": None, "unicode": "é⏎"}
+    return g
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_round_trip_is_exact(dtype: Any) -> None:
+    graphs = [golden_graph(dtype), _noisy(random_dag(2, dtype=dtype), 0)]
+    graphs.append(prune(graphs[1]))
+    for g in graphs:
+        data = to_circuit_tracer(g, slug="rt")
+        back = from_circuit_tracer(data)
+        assert back == g
+        assert back.node_activation.dtype == np.dtype(dtype)
+        # through JSON text, both compact and indented
+        assert from_circuit_tracer(json.loads(json.dumps(data, separators=(",", ":")))) == g
+        assert from_circuit_tracer(json.loads(json.dumps(data, indent=1, sort_keys=True))) == g
+
+
+def test_round_trip_restores_row_order_from_node_ids() -> None:
+    g = golden_graph()
+    data = to_circuit_tracer(g, slug="rt")
+    data["nodes"].reverse()
+    assert from_circuit_tracer(data) == g
+
+
+def test_write_and_read_viewer(tmp_path: Path) -> None:
+    g = _noisy(random_dag(4, dtype=np.float32), 1)
+    path = write_viewer(g, tmp_path / "viewer", slug="my-graph.v1")
+    assert path == tmp_path / "viewer" / "my-graph.v1.json"
+    text = path.read_text(encoding="utf-8")
+    assert "\n" not in text and ", " not in text.split('"prompt"')[0]
+    assert read_viewer(path) == g
+    index = json.loads((tmp_path / "viewer" / INDEX_FILE).read_text(encoding="utf-8"))
+    meta = json.loads(text)["metadata"]
+    assert index == {"graphs": [{k: meta[k] for k in METADATA_FIELDS}]}
+    assert sorted(p.name for p in (tmp_path / "viewer").iterdir()) == [
+        INDEX_FILE,
+        "my-graph.v1.json",
+    ]
+
+
+def test_index_adds_and_replaces_entries(tmp_path: Path) -> None:
+    g = golden_graph()
+    write_viewer(g, tmp_path, slug="first")
+    write_viewer(g, tmp_path, slug="second", scan="other-scan")
+    index = json.loads((tmp_path / INDEX_FILE).read_text(encoding="utf-8"))
+    assert [e["slug"] for e in index["graphs"]] == ["first", "second"]
+    g.prompt = "changed"
+    write_viewer(g, tmp_path, slug="first")
+    index = json.loads((tmp_path / INDEX_FILE).read_text(encoding="utf-8"))
+    # circuit-tracer's add_graph_metadata: drop the old entry for the slug, append the new one
+    assert [e["slug"] for e in index["graphs"]] == ["second", "first"]
+    assert [e["prompt"] for e in index["graphs"]] == ["The café\n", "changed"]
+    assert index["graphs"][0]["scan"] == "other-scan"
+    assert all(list(e) == METADATA_FIELDS for e in index["graphs"])
+    assert read_viewer(tmp_path / "first.json").prompt == "changed"
+
+
+def test_index_keeps_foreign_entries_and_rejects_broken_index(tmp_path: Path) -> None:
+    foreign = {"slug": "theirs", "scan": "gemma-2-2b", "prompt": "hi", "prompt_tokens": ["hi"]}
+    (tmp_path / INDEX_FILE).write_text(json.dumps({"graphs": [foreign]}), encoding="utf-8")
+    write_viewer(golden_graph(), tmp_path, slug="ours")
+    index = json.loads((tmp_path / INDEX_FILE).read_text(encoding="utf-8"))
+    assert [e["slug"] for e in index["graphs"]] == ["theirs", "ours"]
+    assert index["graphs"][0] == foreign
+    (tmp_path / INDEX_FILE).write_text("{not json", encoding="utf-8")
+    with pytest.raises(AdagError, match="not valid JSON"):
+        write_viewer(golden_graph(), tmp_path, slug="more")
+    assert not (tmp_path / "more.json").exists()
+
+
+def test_non_adag_json_raises(tmp_path: Path) -> None:
+    ct = to_circuit_tracer(golden_graph(), slug="x")
+    del ct["metadata"]["adag"]
+    with pytest.raises(AdagError, match="was not written by adag"):
+        from_circuit_tracer(ct)
+    for bad in ({}, {"metadata": None}, {"nodes": []}, []):
+        with pytest.raises(AdagError, match="was not written by adag"):
+            from_circuit_tracer(bad)  # type: ignore[arg-type]
+    path = tmp_path / "theirs.json"
+    path.write_text(json.dumps(ct), encoding="utf-8")
+    with pytest.raises(AdagError, match="was not written by adag"):
+        read_viewer(path)
+    path.write_text("[1, 2", encoding="utf-8")
+    with pytest.raises(AdagError, match="not valid JSON"):
+        read_viewer(path)
+    with pytest.raises(AdagError, match="does not exist"):
+        read_viewer(tmp_path / "missing.json")
+
+
+def test_malformed_adag_json_raises() -> None:
+    data = to_circuit_tracer(golden_graph(), slug="x")
+    broken = json.loads(json.dumps(data))
+    del broken["links"][0]["flow"]
+    with pytest.raises(AdagError, match="malformed"):
+        from_circuit_tracer(broken)
+    broken = json.loads(json.dumps(data))
+    broken["nodes"].pop()
+    with pytest.raises(AdagError, match="node ids"):
+        from_circuit_tracer(broken)
+    broken = json.loads(json.dumps(data))
+    broken["metadata"]["adag"]["format_version"] = 99
+    with pytest.raises(AdagError, match="format_version"):
+        from_circuit_tracer(broken)
+    broken = json.loads(json.dumps(data))
+    broken["metadata"]["adag"]["dtypes"]["edge_weight"] = "object"
+    with pytest.raises(AdagError, match="dtype"):
+        from_circuit_tracer(broken)
+
+
+@pytest.mark.parametrize(
+    "spoil",
+    [
+        lambda g: g.node_activation.__setitem__(2, math.nan),
+        lambda g: g.edge_weight.__setitem__(0, math.inf),
+        lambda g: g.edge_flow.__setitem__(1, -math.inf),
+        lambda g: g.input_attr.__setitem__((0, 1), math.nan),
+        lambda g: g.target_logits.__setitem__(0, math.nan),
+        lambda g: setattr(g, "metric", math.nan),
+        lambda g: g.settings.__setitem__("bad", math.nan),
+    ],
+)
+def test_nan_raises_and_writes_nothing(tmp_path: Path, spoil: Any) -> None:
+    g = golden_graph()
+    spoil(g)
+    with pytest.raises(AdagError, match=r"NaN|JSON"):
+        write_viewer(g, tmp_path / "out", slug="nan")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    with pytest.raises(AdagError):
+        to_circuit_tracer(g, slug="nan")
+
+
+@pytest.mark.parametrize("slug", ["", "a b", "a/b", "../x", "é", "x\n", "a:b"])
+def test_bad_slug_raises(tmp_path: Path, slug: str) -> None:
+    with pytest.raises(AdagError, match="slug"):
+        write_viewer(golden_graph(), tmp_path, slug=slug)
+    with pytest.raises(AdagError, match="slug"):
+        to_circuit_tracer(golden_graph(), slug=slug)
+    assert not any(tmp_path.iterdir())
+
+
+def test_slugify() -> None:
+    assert slugify("The capital of France is") == "the-capital-of-france-is"
+    assert slugify("  IOI: John & Mary!! ") == "ioi-john-mary"
+    assert slugify("Éà 東京") == "graph"
+    assert slugify("") == "graph"
+    assert slugify("---") == "graph"
+    long = slugify("word " * 40)
+    assert len(long) <= 48 and not long.endswith("-") and long.startswith("word-word")
+    assert slugify("abc def", max_len=4) == "abc"
+    for text in ("x", "A.B", "a_b", "?"):
+        write_ok = slugify(text)
+        assert write_ok and all(c.isalnum() or c == "-" for c in write_ok)
+
+
+def test_colliding_export_ids_raise() -> None:
+    g = make_graph(
+        ["embed:0", "neuron:0:0:4", "feature:0:0:4", "logit:21"],
+        [("embed:0", "neuron:0:0:4", 1.0), ("neuron:0:0:4", "logit:21", 1.0)],
+        targets=[(21, " on", 1.0)],
+    )
+    with pytest.raises(AdagError, match="both export to circuit-tracer id"):
+        to_circuit_tracer(g, slug="c")
