@@ -176,8 +176,9 @@ class Patch:
             else:
                 new = cur * val
         if idx is None:
-            # contiguous: some models .view() their inputs (GPT-2's Conv1D)
-            return torch.broadcast_to(new, x.shape).contiguous()
+            out = torch.broadcast_to(new, x.shape)
+            # keep a contiguous site contiguous: some models .view() it (GPT-2's Conv1D)
+            return out.contiguous() if x.is_contiguous() else out
         out = x.clone()
         out[idx] = new
         return out
