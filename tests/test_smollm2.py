@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+import pytest
 import torch
 
 from adag.models.linear import linearize
@@ -84,3 +86,73 @@ def test_linearised_gradient_equals_reference_finite_difference_real_model(smoll
         vals.append(_reference_metric(m, c, clean))
     fd = (vals[0] - vals[1]) / (2 * eps)
     torch.testing.assert_close((g * d).sum(), fd, rtol=2e-3, atol=2e-3)
+
+
+def test_trace_edges_and_completeness_on_real_model(smollm2: Model):
+    """float32 SmolLM2: RelP complete (no biases in Llama), and the strongest neuron→neuron and
+    neuron→logit edges = the change in the patch-built frozen reference when the source is
+    removed (the reference is linear, so removing a source moves the target by its edge)."""
+    from adag.graphs.neurons import trace
+
+    from .reference import reference_logits, reference_patches
+
+    m = smollm2
+    g = trace(m, FRANCE, k=3, node_threshold=0.01, edge_threshold=0.01)[0]
+    assert g.target_tokens[0] == " Paris"
+    emb = g.mask("embed")
+    assert g.node_attribution[emb].sum() == pytest.approx(g.metric, rel=1e-4)
+    neuron = g.mask("neuron")
+    tokens = torch.tensor([g.prompt_ids.tolist()])
+    checked = 0
+    for kind in ("neuron", "logit"):
+        into = np.flatnonzero(neuron[g.edge_source] & g.mask(kind)[g.edge_target])
+        strongest = into[np.argsort(-np.abs(g.edge_weight[into]))[:4]]
+        for e in strongest:
+            s, t = int(g.edge_source[e]), int(g.edge_target[e])
+            ls, ps, is_ = (int(x) for x in (g.node_layer[s], g.node_position[s], g.node_index[s]))
+            rules = ["stop"] * m.n_layers
+            if kind == "neuron":
+                rules[int(g.node_layer[t])] = "relp"
+            patches, reads, clean = reference_patches(m, tokens, rules)
+            remove = Patch(f"blocks.{ls}.mlp.hook_post", 0.0, pos=ps, index=is_)
+            _, c0 = m.run_with_cache(tokens, reads, patches=patches)
+            _, c1 = m.run_with_cache(tokens, reads, patches=[*patches, remove])
+            if kind == "neuron":
+                site = f"blocks.{int(g.node_layer[t])}.mlp.hook_post"
+                p, i = int(g.node_position[t]), int(g.node_index[t])
+                d = float(c0[site][0, p, i] - c1[site][0, p, i])
+            else:
+                tok = int(g.node_index[t])
+                d = float(
+                    reference_logits(m, c0, clean, tok)[0] - reference_logits(m, c1, clean, tok)[0]
+                )
+            want = d / float(g.node_activation[t])
+            assert g.edge_weight[e] == pytest.approx(want, rel=2e-3, abs=1e-4), (kind, e)
+            checked += 1
+    assert checked == 8
+
+
+def test_chat_seed_traces_the_seed_token(smollm2: Model):
+    from adag.graphs.neurons import assemble_prompt, trace
+
+    text, ids = assemble_prompt(
+        smollm2, "What is the capital of France?", chat=True, seed="Answer:"
+    )
+    assert text.startswith("<|im_start|>system") and text.endswith("assistant\nAnswer:")
+    g = trace(
+        smollm2,
+        "What is the capital of France?",
+        k=2,
+        chat=True,
+        seed_response="Answer:",
+        node_threshold=0.05,
+        edge_threshold=0.05,
+    )[0]
+    assert g.prompt_ids.tolist() == ids
+    assert g.prompt_tokens[-2:] == ["Answer", ":"]
+    assert g.settings["traced_position"] == len(ids) - 1
+    assert (g.node_position[g.mask("logit")] == len(ids) - 1).all()
+    # the leading <|im_start|> is the BOS: excluded from the nodes, recorded
+    assert g.settings["excluded_positions"] == [0]
+    assert (g.node_position[g.mask("neuron") | g.mask("embed")] > 0).all()
+    assert g.target_tokens[0] == " Paris"

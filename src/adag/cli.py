@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -183,6 +183,101 @@ def patch(
         console.print(
             f"wrote {out / 'patching'} (curves.png, curves.parquet, bound.parquet, evaluation.json)"
         )
+
+
+@app.command()
+def trace(
+    model: Annotated[str, typer.Argument(help="alias, Hugging Face id, local directory or .gguf")],
+    prompt: Annotated[
+        str | None, typer.Argument(help="the prompt (or give --prompts FILE)")
+    ] = None,
+    out: Annotated[
+        Path,
+        typer.Option("--out", help="run directory (writes graphs/, viewer/, profiles.parquet)"),
+    ] = Path("runs/trace"),
+    prompts: Annotated[
+        Path | None,
+        typer.Option("--prompts", help='JSONL ({"prompt": ..., "seed": ...}) or one prompt a line'),
+    ] = None,
+    k: Annotated[int, typer.Option("-k", "--k", help="trace the top-k next tokens")] = 5,
+    target: Annotated[
+        list[str] | None,
+        typer.Option("--target", help="trace this token instead of the top-k (repeatable)"),
+    ] = None,
+    foil: Annotated[
+        str | None, typer.Option(help="with one --target: trace logit(target) - logit(foil)")
+    ] = None,
+    chat: Annotated[bool, typer.Option("--chat", help="wrap prompts in the chat template")] = False,
+    seed: Annotated[
+        str | None, typer.Option(help='seed response opening the assistant turn, e.g. "Answer:"')
+    ] = None,
+    node_threshold: Annotated[
+        float, typer.Option(help="keep neurons with |RelP| >= this fraction of |metric|")
+    ] = 0.005,
+    edge_threshold: Annotated[float, typer.Option(help="keep edges with |weight| >= this")] = 0.01,
+    batch_size: Annotated[int, typer.Option(help="target nodes per backward pass")] = 32,
+    dtype: Annotated[str, typer.Option(help="float32, float64, bfloat16 or float16")] = "float32",
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto")] = "cpu",
+    as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
+) -> None:
+    """Trace neuron attribution graphs (ADAG) for PROMPT or a prompt file."""
+    from rich.progress import Progress
+
+    from adag.graphs.run import trace_command
+    from adag.models.load import load_model
+    from adag.tasks.prompts import PromptSpec, load_prompts
+
+    try:
+        if (prompt is None) == (prompts is None):
+            raise AdagError("give either a PROMPT or --prompts FILE (not both)")
+        if foil is not None and len(target or []) != 1:
+            raise AdagError("--foil needs exactly one --target")
+        specs = load_prompts(prompts) if prompts is not None else [PromptSpec(prompt or "", seed)]
+        if seed is not None:
+            specs = [
+                PromptSpec(p.prompt, p.seed if p.seed is not None else seed, p.label) for p in specs
+            ]
+        for p in specs:
+            if not p.prompt.strip():
+                raise AdagError("the prompt is empty; give some text")
+        targets: Any = None
+        if target:
+            targets = {target[0]: 1.0, foil: -1.0} if foil is not None else list(target)
+        m = load_model(model, dtype=dtype, device=device)
+        with Progress(console=Console(stderr=True), transient=True) as bar:
+            task = bar.add_task("tracing", total=len(specs))
+            result = trace_command(
+                m,
+                specs,
+                out,
+                k=k,
+                targets=targets,
+                node_threshold=node_threshold,
+                edge_threshold=edge_threshold,
+                chat=chat,
+                batch_size=batch_size,
+                progress=lambda n: bar.advance(task, n),
+            )
+    except AdagError as e:
+        _fail(str(e))
+        return
+    if as_json:
+        typer.echo(json.dumps(result, indent=2, default=str))
+        return
+    t = Table(title=f"{m.name}: {len(specs)} graph(s)")
+    for col in ("prompt", "targets", "metric", "neurons", "edges"):
+        t.add_column(col)
+    for sm in result["summaries"]:
+        t.add_row(
+            repr(sm["prompt"][-40:]),
+            " ".join(repr(x) for x in sm["targets"]),
+            f"{sm['metric']:.3f}",
+            str(sm["nodes_by_kind"].get("neuron", 0)),
+            str(sm["edges"]),
+        )
+    console = Console()
+    console.print(t)
+    console.print(f"wrote {out / 'graphs'}, {result['viewer']} and {result['profiles']}")
 
 
 def main() -> None:

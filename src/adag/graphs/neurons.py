@@ -151,6 +151,17 @@ def _chunks(n: int, size: int) -> list[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
+def check_settings(node_threshold: float, edge_threshold: float, batch_size: int) -> None:
+    """One-line errors for bad tracing settings."""
+    if not (node_threshold >= 0 and edge_threshold >= 0):
+        raise AdagError(
+            f"thresholds must be >= 0, got node_threshold={node_threshold}, "
+            f"edge_threshold={edge_threshold}"
+        )
+    if batch_size < 1:
+        raise AdagError(f"batch_size must be at least 1, got {batch_size}")
+
+
 def trace(
     model: Model,
     prompts: Prompt | Sequence[Prompt],
@@ -176,13 +187,7 @@ def trace(
     nodes (attention sinks; as in ADAG); recorded in ``settings``. ``progress`` is called with 1
     after each prompt.
     """
-    if node_threshold < 0 or edge_threshold < 0:
-        raise AdagError(
-            f"thresholds must be >= 0, got node_threshold={node_threshold}, "
-            f"edge_threshold={edge_threshold}"
-        )
-    if batch_size < 1:
-        raise AdagError(f"batch_size must be at least 1, got {batch_size}")
+    check_settings(node_threshold, edge_threshold, batch_size)
     items: list[Prompt]
     if isinstance(prompts, str | Tensor) or (
         isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)
@@ -240,6 +245,7 @@ def trace_tokens(
     extra_settings: Mapping[str, Any] | None = None,
 ) -> Graph:
     """:func:`trace` for one prompt given as token ids; the traced position is the last."""
+    check_settings(node_threshold, edge_threshold, batch_size)
     tokens = model._check_tokens(torch.as_tensor(list(ids), dtype=torch.long)[None])
     T = tokens.shape[1]
     L = model.n_layers
@@ -335,7 +341,7 @@ def trace_tokens(
         "architecture": model.spec.model_type,
         "dtype": str(model.dtype).removeprefix("torch."),
         "k": k if targets is None else None,
-        "targets": None if targets is None else _json_targets(targets),
+        "targets": None if targets is None else targets_json(targets),
         "node_threshold": node_threshold,
         "edge_threshold": edge_threshold,
         "batch_size": batch_size,
@@ -378,7 +384,8 @@ def trace_tokens(
     )
 
 
-def _json_targets(targets: Targets) -> Any:
+def targets_json(targets: Targets) -> Any:
+    """``targets`` as JSON (for settings)."""
     if isinstance(targets, Mapping):
         return [[t, float(c)] for t, c in targets.items()]
     return list(targets or [])
@@ -519,4 +526,4 @@ def _edges(
     return src[o], tgt[o], w[o]
 
 
-__all__ = ["assemble_prompt", "trace", "trace_tokens"]
+__all__ = ["assemble_prompt", "check_settings", "trace", "trace_tokens"]
