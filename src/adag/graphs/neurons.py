@@ -17,8 +17,9 @@ with ``c_j = 1`` by default, or a logit difference):
   terms equal its value. Edges with ``|w| >= edge_threshold`` are kept, each with its attribution
   flow ``w · attribution(target) / m``.
 * **Profiles** (raw values, stored on the graph for :mod:`adag.profiles`): for every kept neuron the
-  total-effect attribution of each prompt position's embedding, ``Σ_d e_{p,d} · da/de_{p,d}``, and
-  the neuron's attribution to each target logit, ``a · dlogit_j/da``.
+  total-effect attribution of each prompt position's embedding, ``Σ_d e_{p,d} · da/de_{p,d}``
+  (forward mode: one row per position), and the neuron's attribution to each target logit,
+  ``a · dlogit_j/da`` (from the node-attribution backward pass, one row per target).
 
 Efficiency: each kind of backward pass runs on a batch of identical rows of the prompt built by one
 forward pass whose graph is kept; each row carries the seed of a different target node, so one
@@ -38,12 +39,14 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from adag.errors import AdagError
 from adag.graphs.graph import Graph
 from adag.models.linear import linearize, post_partials
 from adag.models.model import Model
+from adag.models.sites import Patch
 
 log = logging.getLogger(__name__)
 
@@ -401,31 +404,39 @@ def _decoder(model: Model) -> Callable[[int], str]:
 def _input_attributions(
     model: Model, tokens: Tensor, kept: _Kept, emb: Tensor, batch_size: int
 ) -> Tensor:
-    """``(n_kept, T)``: ``Σ_d e_{p,d} · da_v/de_{p,d}`` under the relp linearisation; one row of a
-    replicated batch per kept neuron, seeded at its ``hook_post``."""
+    """``(n_kept, T)``: ``Σ_d e_{p,d} · da_v/de_{p,d}`` under the relp linearisation.
+
+    Forward-mode: row ``p`` of a replicated batch carries the tangent ``e_p`` at position ``p``
+    of the embeddings, so one forward pass gives the directional derivative of *every* neuron
+    along every position's embedding — ``T`` rows instead of one backward row per kept neuron.
+    The linearisation's ``value.detach() + (S - S.detach())`` swaps carry the surrogate's
+    tangent, so forward- and reverse-mode see the same linear model."""
     n, T = len(kept.layer), tokens.shape[1]
     out = torch.zeros(n, T, dtype=emb.dtype, device=emb.device)
     if n == 0:
         return out
-    B = min(batch_size, n)
     layers = sorted(set(kept.layer.tolist()))
-    with (
-        linearize(model, mlp="relp"),
-        model.sites(read=[_post(i) for i in layers], grad=[EMBED]) as run,
-    ):
-        model(tokens.expand(B, T), last_only=True)
-        for sl in _chunks(n, B):
-            rows = torch.arange(sl.stop - sl.start, device=emb.device)
-            outs, seeds = [], []
-            for layer in sorted(set(kept.layer[sl].tolist())):
-                sel = kept.layer[sl] == layer
-                v = run.value(_post(layer))
-                s = torch.zeros_like(v)
-                s[rows[sel], kept.pos[sl][sel], kept.idx[sl][sel]] = 1.0
-                outs.append(v)
-                seeds.append(s)
-            ge = run.vjp(outs, seeds, retain_graph=True)[EMBED]  # (B, T, d_model)
-            out[sl] = torch.einsum("bpd,pd->bp", ge[: len(rows)], emb)
+    for sl in _chunks(T, batch_size):
+        P = sl.stop - sl.start
+        pos = torch.arange(sl.start, sl.stop, device=emb.device)
+        tangent = torch.zeros(P, T, emb.shape[-1], dtype=emb.dtype, device=emb.device)
+        tangent[torch.arange(P), pos] = emb[pos]
+
+        def dual(x: Tensor, live: Mapping[str, Tensor], t: Tensor = tangent) -> Tensor:
+            return fwAD.make_dual(x, t)
+
+        inject = Patch(EMBED, dual, op="fn")
+        with (
+            torch.no_grad(),
+            fwAD.dual_level(),
+            linearize(model, mlp="relp"),
+            model.sites(read=[_post(i) for i in layers], patches=[inject]) as run,
+        ):
+            model(tokens.expand(P, T), last_only=True)
+            for layer in layers:
+                sel = kept.layer == layer
+                tan = fwAD.unpack_dual(run.value(_post(layer))).tangent  # (P, T, d_mlp)
+                out[sel, sl] = tan[:, kept.pos[sel], kept.idx[sel]].T
     return out
 
 
