@@ -25,6 +25,7 @@ demo: $(STAMP)
 	@for p in $(DEMO_PROMPTS); do $(VENV)/bin/adag predict smollm2-135m "$$p" -k 5 || exit $$?; done
 	$(VENV)/bin/adag patch --out runs/demo --task ioi --n-pairs 3 --method atp_star --nodes heads
 	@echo "AtP* table and plot: runs/demo/patching/atp_star.parquet, runs/demo/patching/atp_star.png"
+	$(VENV)/bin/adag trace smollm2-135m "The capital of France is" --out runs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -44,6 +45,7 @@ check: lint typecheck test
 bench: $(STAMP)
 	$(PY) bench/bench_foundation.py
 	$(PY) bench/bench_patching.py --n-pairs 4
+	$(PY) bench/bench_trace.py --prompts 8 --naive-prompts 2
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -138,7 +138,7 @@ def worker(method: str, n_prompts: int, batch_size: int, threads: int, graphs_di
         out["max_input_attr_diff_rel"] = worst_in
     out["total_s"] = time.perf_counter() - t0
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps(out))  # noqa: T201
+    print(json.dumps(out))
 
 
 def main() -> None:
@@ -185,10 +185,12 @@ def main() -> None:
     a, b, n = results["adag"], results["one_bwd"], results["naive"]
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     k = len(n["per_prompt_s"])
-    results["speedup_vs_one_backward_per_target"] = mean(b["per_prompt_s"]) / mean(a["per_prompt_s"])
+    results["speedup_vs_one_backward_per_target"] = mean(b["per_prompt_s"]) / mean(
+        a["per_prompt_s"]
+    )
     results["speedup_vs_naive_same_prompts"] = mean(n["per_prompt_s"]) / mean(a["per_prompt_s"][:k])
-    print(json.dumps(results, indent=1))  # noqa: T201
-    print(  # noqa: T201
+    print(json.dumps(results, indent=1))
+    print(
         f"adag {mean(a['per_prompt_s']):.2f} s/prompt ({a['peak_rss_mb']:.0f} MB peak), "
         f"one backward per target {mean(b['per_prompt_s']):.2f} s/prompt "
         f"({b['peak_rss_mb']:.0f} MB) -> {results['speedup_vs_one_backward_per_target']:.1f}x; "

@@ -25,10 +25,14 @@ _EXPORTS = {
     "atp_star": "adag.patching.atp",
     "NodeScores": "adag.patching.scores",
     "PromptPair": "adag.tasks.pairs",
+    "trace": "adag.graphs.neurons",
+    "Graph": "adag.graphs.graph",
+    "profile": "adag.profiles",
 }
 
 __all__ = [
     "AdagError",
+    "Graph",
     "Model",
     "NodeScores",
     "Patch",
@@ -39,16 +43,21 @@ __all__ = [
     "atp_star",
     "linearize",
     "load_model",
+    "profile",
+    "trace",
 ]
 
 if TYPE_CHECKING:
     from adag.errors import AdagError
+    from adag.graphs.graph import Graph
+    from adag.graphs.neurons import trace
     from adag.models.linear import linearize
     from adag.models.load import load_model
     from adag.models.model import Model
     from adag.models.sites import Patch, SiteRun
     from adag.patching.atp import atp, atp_star
     from adag.patching.scores import NodeScores
+    from adag.profiles import profile
     from adag.tasks.pairs import PromptPair
 
 

@@ -246,6 +246,13 @@ class Graph:
             "logit_flow_fraction": float(self.edge_flow[into_logits].sum()),
         }
 
+    def prune(self, *, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> Graph:
+        """A new graph keeping the nodes and edges that carry the given fractions of cumulative
+        influence on the logits (circuit tracing; see :func:`adag.graphs.prune.prune`)."""
+        from adag.graphs.prune import prune
+
+        return prune(self, node_threshold=node_threshold, edge_threshold=edge_threshold)
+
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Graph):
             return NotImplemented
