@@ -18,7 +18,7 @@ with ``c_j = 1`` by default, or a logit difference):
   flow ``w · attribution(target) / m``.
 * **Profiles** (raw values, stored on the graph for :mod:`adag.profiles`): for every kept neuron the
   total-effect attribution of each prompt position's embedding, ``Σ_d e_{p,d} · da/de_{p,d}``
-  (forward mode: one row per position), and the neuron's attribution to each target logit,
+  (forward mode through the linear replica: one row per position), and the neuron's attribution to each target logit,
   ``a · dlogit_j/da`` (from the node-attribution backward pass, one row per target).
 
 Efficiency: each kind of backward pass runs on a batch of identical rows of the prompt built by one
@@ -39,12 +39,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from adag.errors import AdagError
 from adag.graphs.graph import Graph
-from adag.models.linear import linearize, post_partials
+from adag.models.linear import linear_replica, linearize, post_partials, replica_sites
 from adag.models.model import Model
 from adag.models.sites import Patch
 
@@ -176,6 +175,7 @@ def trace(
     chat: bool = False,
     seed_response: str | Sequence[str | None] | None = None,
     batch_size: int = 32,
+    max_batch_tokens: int = 1024,
     exclude_bos: bool = True,
     progress: Callable[[int], None] | None = None,
 ) -> list[Graph]:
@@ -186,7 +186,8 @@ def trace(
     ``{token: coefficient}`` (e.g. ``{" Mary": 1, " John": -1}`` for a logit difference).
     ``chat`` / ``seed_response``: wrap each prompt in the chat template and open the assistant turn
     with the seed (one seed, or one per prompt). ``batch_size``: rows per backward pass (targets
-    per pass); memory grows with it. ``exclude_bos``: leave a leading BOS position out of the
+    per pass), lowered so that rows × prompt length stays within ``max_batch_tokens`` (memory
+    grows with both). ``exclude_bos``: leave a leading BOS position out of the
     nodes (attention sinks; as in ADAG); recorded in ``settings``. ``progress`` is called with 1
     after each prompt.
     """
@@ -225,6 +226,7 @@ def trace(
                 node_threshold=node_threshold,
                 edge_threshold=edge_threshold,
                 batch_size=batch_size,
+                max_batch_tokens=max_batch_tokens,
                 exclude_bos=exclude_bos,
                 extra_settings={"chat": chat, "seed_response": seed},
             )
@@ -244,6 +246,7 @@ def trace_tokens(
     node_threshold: float = 0.005,
     edge_threshold: float = 0.01,
     batch_size: int = 32,
+    max_batch_tokens: int = 1024,
     exclude_bos: bool = True,
     extra_settings: Mapping[str, Any] | None = None,
 ) -> Graph:
@@ -252,18 +255,17 @@ def trace_tokens(
     tokens = model._check_tokens(torch.as_tensor(list(ids), dtype=torch.long)[None])
     T = tokens.shape[1]
     L = model.n_layers
-    gated = model.spec.gated
     bos = model.tokenizer.bos_token_id if model.tokenizer is not None else None
     excluded = [0] if exclude_bos and bos is not None and int(tokens[0, 0]) == bos else []
     allowed = torch.ones(T, dtype=torch.bool, device=tokens.device)
     allowed[excluded] = False
 
     # -- clean values -------------------------------------------------------------------------
-    reads = [EMBED, *(_post(i) for i in range(L)), *(_pre(i) for i in range(L))]
-    reads += [_lin(i) for i in range(L)] if gated else []
+    reads = [EMBED, *(_post(i) for i in range(L)), *replica_sites(model)]
     with torch.no_grad(), model.sites(read=reads) as run:
         last = model(tokens, last_only=True)[0, -1]
-    c = {n: v[0] for n, v in run.cache.items()}  # each (pos, ·)
+    clean = dict(run.cache)  # each (1, ...)
+    c = {n: v[0] for n, v in clean.items()}  # each (pos, ·)
     emb = c[EMBED]  # (T, d_model)
     target_ids, coef_list = _resolve_targets(model, last, targets, k)
     K = len(target_ids)
@@ -310,9 +312,10 @@ def trace_tokens(
     n = len(kept.layer)
     log.info("prompt of %d tokens: m = %.4g, %d neurons kept", T, m, n)
 
-    in_attr = _input_attributions(model, tokens, kept, emb, batch_size)
+    rows = max(1, min(batch_size, max_batch_tokens // T))
+    in_attr = _input_attributions(model, tokens, kept, emb, clean, rows + 1)
     embed_pos = allowed.nonzero().flatten()
-    edges = _edges(model, tokens, kept, c, emb, embed_pos, tid, tlogits, batch_size, edge_threshold)
+    edges = _edges(model, tokens, kept, c, emb, embed_pos, tid, tlogits, rows, edge_threshold)
 
     # -- assemble the graph -------------------------------------------------------------------
     E = len(embed_pos)
@@ -348,6 +351,7 @@ def trace_tokens(
         "node_threshold": node_threshold,
         "edge_threshold": edge_threshold,
         "batch_size": batch_size,
+        "max_batch_tokens": max_batch_tokens,
         "exclude_bos": exclude_bos,
         "excluded_positions": excluded,
         "traced_position": T - 1,
@@ -402,41 +406,40 @@ def _decoder(model: Model) -> Callable[[int], str]:
 
 
 def _input_attributions(
-    model: Model, tokens: Tensor, kept: _Kept, emb: Tensor, batch_size: int
+    model: Model,
+    tokens: Tensor,
+    kept: _Kept,
+    emb: Tensor,
+    clean: Mapping[str, Tensor],
+    rows: int,
 ) -> Tensor:
     """``(n_kept, T)``: ``Σ_d e_{p,d} · da_v/de_{p,d}`` under the relp linearisation.
 
-    Forward-mode: row ``p`` of a replicated batch carries the tangent ``e_p`` at position ``p``
-    of the embeddings, so one forward pass gives the directional derivative of *every* neuron
-    along every position's embedding — ``T`` rows instead of one backward row per kept neuron.
-    The linearisation's ``value.detach() + (S - S.detach())`` swaps carry the surrogate's
-    tangent, so forward- and reverse-mode see the same linear model."""
+    Forward mode, without dual numbers: the linearised model is an affine map of the embeddings
+    (:func:`adag.models.linear.linear_replica`), so feeding it ``e_p`` alone at position ``p``
+    (row ``p``) and subtracting its output for a zero input (the bias terms, row 0) gives the
+    derivative of *every* neuron along every position's embedding in one plain forward pass:
+    ``T + 1`` rows instead of one backward row per kept neuron."""
     n, T = len(kept.layer), tokens.shape[1]
     out = torch.zeros(n, T, dtype=emb.dtype, device=emb.device)
     if n == 0:
         return out
     layers = sorted(set(kept.layer.tolist()))
-    for sl in _chunks(T, batch_size):
+    for sl in _chunks(T, max(1, rows - 1)):
         P = sl.stop - sl.start
         pos = torch.arange(sl.start, sl.stop, device=emb.device)
-        tangent = torch.zeros(P, T, emb.shape[-1], dtype=emb.dtype, device=emb.device)
-        tangent[torch.arange(P), pos] = emb[pos]
-
-        def dual(x: Tensor, live: Mapping[str, Tensor], t: Tensor = tangent) -> Tensor:
-            return fwAD.make_dual(x, t)
-
-        inject = Patch(EMBED, dual, op="fn")
+        x = torch.zeros(P + 1, T, emb.shape[-1], dtype=emb.dtype, device=emb.device)
+        x[1 + torch.arange(P), pos] = emb[pos]
         with (
             torch.no_grad(),
-            fwAD.dual_level(),
-            linearize(model, mlp="relp"),
-            model.sites(read=[_post(i) for i in layers], patches=[inject]) as run,
+            linear_replica(model, clean, mlp="relp"),
+            model.sites(read=[_post(i) for i in layers], patches=[Patch(EMBED, x)]) as run,
         ):
-            model(tokens.expand(P, T), last_only=True)
-            for layer in layers:
-                sel = kept.layer == layer
-                tan = fwAD.unpack_dual(run.value(_post(layer))).tangent  # (P, T, d_mlp)
-                out[sel, sl] = tan[:, kept.pos[sel], kept.idx[sel]].T
+            model(tokens.expand(P + 1, T), last_only=True)
+        for layer in layers:
+            sel = kept.layer == layer
+            v = run.cache[_post(layer)][:, kept.pos[sel], kept.idx[sel]]  # (P + 1, n_layer)
+            out[sel, sl] = (v[1:] - v[:1]).T
     return out
 
 

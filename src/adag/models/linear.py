@@ -132,6 +132,81 @@ def post_partials(
     return 0.5 * ratio * u, 0.5 * ratio * g
 
 
+class Replica(Session):
+    """The session behind :func:`linear_replica`."""
+
+    def __init__(
+        self,
+        *,
+        scales: Mapping[str, Tensor],
+        patterns: Mapping[int, Tensor],
+        partials: Mapping[int, tuple[Tensor, Tensor | None]],
+    ) -> None:
+        self.scales = scales
+        self.patterns = patterns
+        self.partials = partials
+
+    def wants_mlp_inputs(self) -> bool:
+        return True
+
+    def norm(
+        self, point: str, kind: NormKind, module: torch.nn.Module, x: Tensor, out: Tensor
+    ) -> Tensor:
+        return norm_apply(kind, module, x, self.scales[f"{point}.hook_scale"])
+
+    def pattern(self, layer: int, pattern: Tensor) -> Tensor:
+        return self.patterns[layer].expand_as(pattern)
+
+    def mlp_post(self, layer: int, post: Tensor, g: Tensor, u: Tensor | None) -> Tensor:
+        pg, pu = self.partials[layer]
+        return pg * g if pu is None or u is None else pg * g + pu * u
+
+
+def replica_sites(model: Model) -> list[str]:
+    """The sites a clean forward pass must read for :func:`linear_replica`."""
+    names = model.site_name_set()
+    out = [n for n in model.site_names() if n.endswith("hook_scale")]
+    for layer in range(model.n_layers):
+        out += [f"blocks.{layer}.attn.hook_pattern", f"blocks.{layer}.mlp.hook_pre"]
+        lin = f"blocks.{layer}.mlp.hook_pre_linear"
+        if model.spec.gated and lin in names:
+            out.append(lin)
+    return out
+
+
+@contextmanager
+def linear_replica(
+    model: Model, clean: Mapping[str, Tensor], *, mlp: str = "relp"
+) -> Iterator[Replica]:
+    """Run the model as the *affine map* that the linearised backward differentiates: every norm
+    scale and attention pattern replaced by its value in a clean batch-1 forward pass (``clean``,
+    read with :func:`replica_sites`), every MLP's neurons by ``∂post/∂g · g + ∂post/∂u · u`` with
+    the partials of ``mlp`` (:func:`post_partials`) at the clean ``g, u``.
+
+    Feeding it ``δ`` at the embeddings (with the biases' constant row subtracted) gives the
+    Jacobian–vector products of the linearised model in a plain forward pass: forward-mode
+    attribution without dual numbers. The final softcap is not replicated (read sites, not
+    logits, of a replica run)."""
+    rules = resolve_mlp_rules(mlp, model.n_layers)
+    partials = {}
+    for layer in range(model.n_layers):
+        g = clean[f"blocks.{layer}.mlp.hook_pre"]
+        u = clean.get(f"blocks.{layer}.mlp.hook_pre_linear")
+        partials[layer] = post_partials(rules[layer], model.act, model.spec.gated, g, u)
+    rep = Replica(
+        scales={n: v for n, v in clean.items() if n.endswith("hook_scale")},
+        patterns={
+            layer: clean[f"blocks.{layer}.attn.hook_pattern"] for layer in range(model.n_layers)
+        },
+        partials=partials,
+    )
+    model._dispatch.push(rep)
+    try:
+        yield rep
+    finally:
+        model._dispatch.pop(rep)
+
+
 def resolve_mlp_rules(mlp: str | Sequence[str] | Mapping[int, str], n_layers: int) -> list[str]:
     """One rule per layer from a single rule, a per-layer list, or ``{layer: rule}`` overrides
     of ``relp``."""
@@ -183,4 +258,12 @@ def linearize(
         model._dispatch.pop(lin)
 
 
-__all__ = ["MLP_RULES", "Linearization", "linearize", "post_partials"]
+__all__ = [
+    "MLP_RULES",
+    "Linearization",
+    "Replica",
+    "linear_replica",
+    "linearize",
+    "post_partials",
+    "replica_sites",
+]
