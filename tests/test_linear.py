@@ -119,3 +119,25 @@ def test_plain_backward_is_not_complete(tiny: Model, tokens):
         g = run.grads(metric)[pre0]
     total = (run.cache[pre0] * g).sum()
     assert abs(total.item() - metric.item()) > 1e-4 * abs(metric.item())
+
+
+@pytest.mark.parametrize("rule", ["relp", "frozen_gate"])
+def test_linear_replica_is_the_linearised_map(tiny: Model, tokens, rule):
+    """The replica run on δ, minus its run on 0, is the Jacobian–vector product of the linearised
+    model: it equals <∇, δ> from the linearised backward for a random readout of a late site."""
+    from adag.models.linear import linear_replica, replica_sites
+
+    emb, site = "blocks.0.hook_resid_pre", f"blocks.{tiny.n_layers - 1}.mlp.hook_post"
+    toks = tokens[:1]
+    _, clean = tiny.run_with_cache(toks, [emb, *replica_sites(tiny)])
+    gen = torch.Generator().manual_seed(3)
+    delta = torch.randn(clean[emb].shape, dtype=torch.float64, generator=gen)
+    readout = torch.randn((toks.shape[1], tiny.d_mlp), dtype=torch.float64, generator=gen)
+    with linearize(tiny, mlp=rule), tiny.sites(read=[site], grad=[emb]) as run:
+        tiny(toks)
+        g = run.grads((run.value(site)[0] * readout).sum())[emb]
+    x = torch.cat([torch.zeros_like(delta), delta])
+    with torch.no_grad(), linear_replica(tiny, clean, mlp=rule):
+        _, c = tiny.run_with_cache(toks.expand(2, -1), [site], patches=[Patch(emb, x)])
+    jvp = ((c[site][1] - c[site][0]) * readout).sum()
+    torch.testing.assert_close(jvp, (g * delta).sum(), rtol=1e-9, atol=1e-9)
