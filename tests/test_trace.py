@@ -322,3 +322,15 @@ def test_bad_input(tiny: Model, ids):
         trace(tiny, torch.zeros(100, dtype=torch.long))
     with pytest.raises(AdagError, match="no tokenizer"):
         trace(tiny, "hello")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models_trace_to_float32_graphs(dtype, ids, tmp_path):
+    from .conftest import tiny_model
+
+    m = tiny_model("llama", dtype=dtype)
+    g = trace(m, ids, k=2, node_threshold=0.02)[0]
+    assert g.node_activation.dtype == np.float32 and g.edge_weight.dtype == np.float32
+    assert g.settings["dtype"] == str(dtype).removeprefix("torch.")
+    assert g.n_edges > 0 and np.isfinite(g.edge_weight).all()
+    assert Graph.load(g.save(tmp_path / "g")) == g

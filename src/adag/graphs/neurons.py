@@ -361,6 +361,9 @@ def trace_tokens(
     }
 
     def np_(x: Tensor) -> np.ndarray:
+        # numpy has no bfloat16: half-precision models store their graphs in float32
+        if x.is_floating_point() and x.element_size() < 4:
+            x = x.float()
         return x.detach().cpu().numpy()
 
     return Graph(
