@@ -26,6 +26,12 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+# Options shared by several commands
+ModelArg = Annotated[str, typer.Argument(help="alias, Hugging Face id, local directory or .gguf")]
+DtypeOpt = Annotated[str, typer.Option(help="float32, float64, bfloat16 or float16")]
+DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print the result as JSON")]
+
 
 def _fail(message: str) -> None:
     typer.echo(f"adag: error: {message}", err=True)
@@ -58,14 +64,14 @@ def models() -> None:
 
 @app.command()
 def predict(
-    model: Annotated[str, typer.Argument(help="alias, Hugging Face id, local directory or .gguf")],
+    model: ModelArg,
     prompt: Annotated[str, typer.Argument(help="the prompt")],
     k: Annotated[int, typer.Option("-k", "--k", help="how many next tokens to show")] = 5,
     as_json: Annotated[
         bool, typer.Option("--json", help="print a JSON list of {token, id, prob}")
     ] = False,
-    dtype: Annotated[str, typer.Option(help="float32, float64, bfloat16 or float16")] = "float32",
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto")] = "cpu",
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
 ) -> None:
     """Show the model's top-k next tokens after PROMPT."""
     from adag.models.load import load_model
@@ -115,9 +121,9 @@ def patch(
     ] = False,
     batch_size: Annotated[int, typer.Option(help="patched copies per forward pass")] = 32,
     seed: Annotated[int, typer.Option(help="seed for the built-in task")] = 0,
-    dtype: Annotated[str, typer.Option(help="float32, float64, bfloat16 or float16")] = "float32",
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto")] = "cpu",
-    as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
+    as_json: JsonOpt = False,
 ) -> None:
     """Localise a behaviour: AtP* (or another method) over prompt pairs; --evaluate compares every
     method with exhaustive activation patching."""
@@ -187,7 +193,7 @@ def patch(
 
 @app.command()
 def trace(
-    model: Annotated[str, typer.Argument(help="alias, Hugging Face id, local directory or .gguf")],
+    model: ModelArg,
     prompt: Annotated[
         str | None, typer.Argument(help="the prompt (or give --prompts FILE)")
     ] = None,
@@ -216,9 +222,9 @@ def trace(
     ] = 0.005,
     edge_threshold: Annotated[float, typer.Option(help="keep edges with |weight| >= this")] = 0.01,
     batch_size: Annotated[int, typer.Option(help="target nodes per backward pass")] = 32,
-    dtype: Annotated[str, typer.Option(help="float32, float64, bfloat16 or float16")] = "float32",
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto")] = "cpu",
-    as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
+    as_json: JsonOpt = False,
 ) -> None:
     """Trace neuron attribution graphs (ADAG) for PROMPT or a prompt file."""
     from rich.progress import Progress
@@ -237,9 +243,6 @@ def trace(
             specs = [
                 PromptSpec(p.prompt, p.seed if p.seed is not None else seed, p.label) for p in specs
             ]
-        for p in specs:
-            if not p.prompt.strip():
-                raise AdagError("the prompt is empty; give some text")
         targets: Any = None
         if target:
             targets = {target[0]: 1.0, foil: -1.0} if foil is not None else list(target)

@@ -72,7 +72,7 @@ from typing import Any
 import numpy as np
 
 from adag.errors import AdagError
-from adag.graphs.graph import Graph
+from adag.graphs.graph import ARRAY_FIELDS, Graph
 from adag.graphs.prune import cumulative_influence, node_influence
 from adag.io import write_text
 
@@ -81,25 +81,6 @@ FORMAT_VERSION = 1  # of the metadata.adag block
 INDEX_FILE = "graph-metadata.json"
 _SLUG = re.compile(r"[A-Za-z0-9._-]+")  # fullmatch: "$" would accept a final "\n"
 
-# Every array field of Graph, with its dtype recorded so that import restores it exactly.
-_ARRAYS = (
-    "node_layer",
-    "node_position",
-    "node_index",
-    "node_activation",
-    "node_attribution",
-    "edge_source",
-    "edge_target",
-    "edge_weight",
-    "edge_flow",
-    "input_attr",
-    "output_attr",
-    "target_ids",
-    "target_coef",
-    "target_logits",
-    "target_probs",
-    "prompt_ids",
-)
 _NOT_ADAG = (
     "was not written by adag (it has no metadata.adag block); only adag-written viewer files "
     "can be re-imported"
@@ -164,7 +145,7 @@ def viewer_node_ids(graph: Graph) -> list[str]:
 
 
 def _check_finite(graph: Graph) -> None:
-    for name in _ARRAYS:
+    for name in ARRAY_FIELDS:
         arr = getattr(graph, name)
         if arr.dtype.kind == "f" and arr.size and not np.all(np.isfinite(arr)):
             raise AdagError(
@@ -333,7 +314,7 @@ def to_circuit_tracer(
         "schema_version": SCHEMA_VERSION,
         "adag": {
             "format_version": FORMAT_VERSION,
-            "dtypes": {name: str(getattr(graph, name).dtype) for name in _ARRAYS},
+            "dtypes": {name: str(getattr(graph, name).dtype) for name in ARRAY_FIELDS},
             "node_ids": list(graph.node_ids),
             "prompt_tokens": list(graph.prompt_tokens),
             "prompt_ids": graph.prompt_ids.tolist(),
@@ -372,7 +353,7 @@ def _array(values: Any, dtype: np.dtype[Any], shape: tuple[int, ...]) -> np.ndar
 
 
 def _from_block(data: Mapping[str, Any], meta: Mapping[str, Any], block: Any) -> Graph:
-    dtypes = {name: _dtype(block["dtypes"][name]) for name in _ARRAYS}
+    dtypes = {name: _dtype(block["dtypes"][name]) for name in ARRAY_FIELDS}
     node_ids = [str(x) for x in block["node_ids"]]
     n = len(node_ids)
     by_id: dict[str, Mapping[str, Any]] = {}

@@ -61,7 +61,8 @@ from adag.io import atomic_path, write_text
 FORMAT = "adag-graph"
 FORMAT_VERSION = 1
 
-_ARRAYS = (
+ARRAY_FIELDS = (
+    # every array field of Graph (stored in the .safetensors file)
     "node_layer",
     "node_position",
     "node_index",
@@ -274,7 +275,7 @@ class Graph:
         from safetensors.numpy import save_file
 
         base = _base(path)
-        arrays = {name: np.ascontiguousarray(getattr(self, name)) for name in _ARRAYS}
+        arrays = {name: np.ascontiguousarray(getattr(self, name)) for name in ARRAY_FIELDS}
         with atomic_path(_with(base, ".safetensors")) as tmp:
             save_file(arrays, tmp, metadata={"format": FORMAT, "version": str(FORMAT_VERSION)})
         meta: dict[str, Any] = {"format": FORMAT, "version": FORMAT_VERSION}
@@ -305,10 +306,10 @@ class Graph:
                 f"version {FORMAT_VERSION}"
             )
         arrays = load_file(str(st))
-        missing = [n for n in _ARRAYS if n not in arrays]
+        missing = [n for n in ARRAY_FIELDS if n not in arrays]
         if missing:
             raise AdagError(f"{st} lacks arrays {missing}; re-create it with Graph.save")
-        kwargs: dict[str, Any] = {n: arrays[n] for n in _ARRAYS}
+        kwargs: dict[str, Any] = {n: arrays[n] for n in ARRAY_FIELDS}
         kwargs.update({n: meta[n] for n in _JSON})
         return cls(**kwargs, metric=float(meta["metric"]), settings=meta.get("settings", {}))
 
@@ -322,4 +323,4 @@ def _with(base: Path, suffix: str) -> Path:
     return base.with_name(base.name + suffix)
 
 
-__all__ = ["NODE_KINDS", "Graph"]
+__all__ = ["ARRAY_FIELDS", "NODE_KINDS", "Graph"]

@@ -94,7 +94,7 @@ def assemble_prompt(
     return text, ids
 
 
-def _token_id(model: Model, t: str | int) -> int:
+def target_token_id(model: Model, t: str | int) -> int:
     if isinstance(t, int):
         if not 0 <= t < model.d_vocab:
             raise AdagError(
@@ -120,9 +120,9 @@ def _resolve_targets(
         ids = logits.topk(min(k, logits.shape[-1])).indices.tolist()
         return ids, [1.0] * len(ids)
     if isinstance(targets, Mapping):
-        pairs = [(_token_id(model, t), float(c)) for t, c in targets.items()]
+        pairs = [(target_token_id(model, t), float(c)) for t, c in targets.items()]
     else:
-        pairs = [(_token_id(model, t), 1.0) for t in targets]
+        pairs = [(target_token_id(model, t), 1.0) for t in targets]
     if not pairs:
         raise AdagError(
             "no targets given; pass token strings, ids, or leave targets=None for top-k"
@@ -343,16 +343,16 @@ def trace_tokens(
     flow = w * attribution[tgt] / m
     target_tokens = [tok_str(t) for t in target_ids]
     settings = {
-        "model": model.name,
-        "architecture": model.spec.model_type,
-        "dtype": str(model.dtype).removeprefix("torch."),
-        "k": k if targets is None else None,
-        "targets": None if targets is None else targets_json(targets),
-        "node_threshold": node_threshold,
-        "edge_threshold": edge_threshold,
+        **trace_settings(
+            model,
+            k=k,
+            targets=targets,
+            node_threshold=node_threshold,
+            edge_threshold=edge_threshold,
+            exclude_bos=exclude_bos,
+        ),
         "batch_size": batch_size,
         "max_batch_tokens": max_batch_tokens,
-        "exclude_bos": exclude_bos,
         "excluded_positions": excluded,
         "traced_position": T - 1,
         "linearization": {"mlp": "relp", "norms": "frozen", "attention": "frozen"},
@@ -392,6 +392,29 @@ def trace_tokens(
         metric=m,
         settings=settings,
     )
+
+
+def trace_settings(
+    model: Model,
+    *,
+    k: int,
+    targets: Targets,
+    node_threshold: float,
+    edge_threshold: float,
+    exclude_bos: bool,
+) -> dict[str, Any]:
+    """The settings that decide a graph's content (recorded in ``Graph.settings``; a run
+    directory reuses a graph whose recorded settings match)."""
+    return {
+        "model": model.name,
+        "architecture": model.spec.model_type,
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "k": k if targets is None else None,
+        "targets": None if targets is None else targets_json(targets),
+        "node_threshold": node_threshold,
+        "edge_threshold": edge_threshold,
+        "exclude_bos": exclude_bos,
+    }
 
 
 def targets_json(targets: Targets) -> Any:
@@ -543,4 +566,11 @@ def _edges(
     return src[o], tgt[o], w[o]
 
 
-__all__ = ["assemble_prompt", "check_settings", "trace", "trace_tokens"]
+__all__ = [
+    "assemble_prompt",
+    "check_settings",
+    "target_token_id",
+    "trace",
+    "trace_settings",
+    "trace_tokens",
+]

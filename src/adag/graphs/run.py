@@ -8,7 +8,6 @@ with the same settings is loaded instead of traced again, so a killed run resume
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,29 +19,16 @@ from adag.graphs.export import slugify, write_viewer
 from adag.graphs.graph import Graph
 from adag.graphs.neurons import (
     Targets,
-    _token_id,
     assemble_prompt,
     check_settings,
-    targets_json,
+    target_token_id,
+    trace_settings,
     trace_tokens,
 )
 from adag.graphs.prune import prune
 from adag.models.model import Model
 from adag.profiles import profile, save_profiles
 from adag.tasks.prompts import PromptSpec
-
-# settings that must match for an existing graph file to be reused
-_RESUME_KEYS = (
-    "model",
-    "dtype",
-    "k",
-    "targets",
-    "node_threshold",
-    "edge_threshold",
-    "exclude_bos",
-    "chat",
-    "seed_response",
-)
 
 
 def slugs_for(prompts: Sequence[PromptSpec]) -> list[str]:
@@ -57,9 +43,9 @@ def _reusable(path: Path, settings: Mapping[str, Any], ids: list[int]) -> Graph 
         return None
     try:
         g = Graph.load(path)
-    except (AdagError, OSError, json.JSONDecodeError, KeyError, ValueError):
+    except (OSError, KeyError, ValueError):  # AdagError and JSONDecodeError are ValueErrors
         return None
-    same = all(g.settings.get(key) == settings.get(key) for key in _RESUME_KEYS)
+    same = all(g.settings.get(key) == value for key, value in settings.items())
     return g if same and g.prompt_ids.tolist() == ids else None
 
 
@@ -74,6 +60,7 @@ def trace_command(
     edge_threshold: float = 0.01,
     chat: bool = False,
     batch_size: int = 32,
+    max_batch_tokens: int = 1024,
     viewer_node_threshold: float = 0.8,
     viewer_edge_threshold: float = 0.98,
     progress: Callable[[int], None] | None = None,
@@ -86,7 +73,7 @@ def trace_command(
     check_settings(node_threshold, edge_threshold, batch_size)
     if targets is not None:
         for t in targets:
-            _token_id(model, t)
+            target_token_id(model, t)
     # Assemble and check every prompt before writing anything.
     assembled = []
     for p in prompts:
@@ -99,13 +86,14 @@ def trace_command(
     for spec, slug, (text, ids) in zip(prompts, slugs, assembled, strict=True):
         path = out / "graphs" / slug
         settings = {
-            "model": model.name,
-            "dtype": str(model.dtype).removeprefix("torch."),
-            "k": k if targets is None else None,
-            "targets": None if targets is None else targets_json(targets),
-            "node_threshold": node_threshold,
-            "edge_threshold": edge_threshold,
-            "exclude_bos": True,
+            **trace_settings(
+                model,
+                k=k,
+                targets=targets,
+                node_threshold=node_threshold,
+                edge_threshold=edge_threshold,
+                exclude_bos=True,
+            ),
             "chat": chat,
             "seed_response": spec.seed,
         }
@@ -120,6 +108,7 @@ def trace_command(
                 node_threshold=node_threshold,
                 edge_threshold=edge_threshold,
                 batch_size=batch_size,
+                max_batch_tokens=max_batch_tokens,
                 extra_settings={"chat": chat, "seed_response": spec.seed, "label": spec.label},
             )
             g.save(path)

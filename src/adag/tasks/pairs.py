@@ -264,18 +264,24 @@ def _pair_from_json(obj: Any, where: str) -> PromptPair:
     return PromptPair(obj["clean"], obj["noise"], obj["answer"], obj.get("foil"))
 
 
-def load_pairs(path: str | Path) -> list[PromptPair]:
-    """Read prompt pairs from a JSONL file (blank lines skipped). Errors name the file and line."""
+def read_user_text(path: str | Path, what: str, expected: str) -> str:
+    """The UTF-8 text of a file a user gave, or a one-line error naming it: ``what`` says what
+    the file is (``"prompt file"``), ``expected`` what to give instead (``"a JSONL file"``)."""
     p = Path(path)
     if not p.is_file():
-        what = "is a directory" if p.is_dir() else "does not exist"
-        raise AdagError(f"prompt-pair file {str(path)!r} {what}; give a JSONL file")
+        problem = "is a directory" if p.is_dir() else "does not exist"
+        raise AdagError(f"{what} {str(path)!r} {problem}; give {expected}")
     try:
-        text = p.read_text(encoding="utf-8")
+        return p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise AdagError(
-            f"prompt-pair file {str(path)!r} is not UTF-8 text ({e.reason}); save it as UTF-8"
+            f"{what} {str(path)!r} is not UTF-8 text ({e.reason}); save it as UTF-8"
         ) from e
+
+
+def load_pairs(path: str | Path) -> list[PromptPair]:
+    """Read prompt pairs from a JSONL file (blank lines skipped). Errors name the file and line."""
+    text = read_user_text(path, "prompt-pair file", "a JSONL file")
     pairs = []
     for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():

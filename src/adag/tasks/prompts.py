@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adag.errors import AdagError
+from adag.tasks.pairs import read_user_text
 
 
 @dataclass(frozen=True)
@@ -23,14 +24,7 @@ class PromptSpec:
 def load_prompts(path: str | Path) -> list[PromptSpec]:
     """Read prompts from a JSONL file (when its first non-blank line starts with ``{``) or a text
     file with one prompt a line; blank lines are skipped. Errors name the file and line."""
-    p = Path(path)
-    if not p.is_file():
-        what = "is a directory" if p.is_dir() else "does not exist"
-        raise AdagError(f"prompt file {str(path)!r} {what}; give a JSONL or text file")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise AdagError(f"prompt file {str(path)!r} is not UTF-8 text; save it as UTF-8") from e
+    text = read_user_text(path, "prompt file", "a JSONL or text file")
     lines = [(n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
     if not lines:
         raise AdagError(
