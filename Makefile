@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.adag-installed
 DEMO_PROMPTS := "The capital of France is" "When Mary and John went to the store, John gave a drink to" "The Eiffel Tower is in the city of"
 
-.PHONY: install demo test check format lint typecheck bench clean
+.PHONY: install demo test test-fast check format lint typecheck bench clean
 
 install: $(STAMP)
 
@@ -23,12 +23,16 @@ $(STAMP): pyproject.toml | $(PY)
 
 demo: $(STAMP)
 	@for p in $(DEMO_PROMPTS); do $(VENV)/bin/adag predict smollm2-135m "$$p" -k 5 || exit $$?; done
-	$(VENV)/bin/adag patch --out runs/demo --task ioi --n-pairs 3 --method atp_star --nodes heads
+	$(VENV)/bin/adag patch smollm2-135m --out runs/demo --task ioi --n-pairs 3 --method atp_star --nodes heads
 	@echo "AtP* table and plot: runs/demo/patching/atp_star.parquet, runs/demo/patching/atp_star.png"
 	$(VENV)/bin/adag trace smollm2-135m "The capital of France is" --out runs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# everything but the tests that load SmolLM2 (marked automatically in tests/conftest.py): < 1 min
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not smollm2"
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format src tests bench

@@ -34,7 +34,7 @@ def main() -> None:
     import adag
     from adag.patching import atp, exhaustive
     from adag.patching.baselines import rank_by_magnitude
-    from adag.patching.nodes import Group
+    from adag.patching.node_sets import Group
     from adag.tasks import make_task, tokenize_pairs
 
     model = adag.load_model("smollm2-135m")

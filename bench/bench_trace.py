@@ -98,7 +98,7 @@ def worker(method: str, n_prompts: int, batch_size: int, threads: int, graphs_di
     torch.set_num_threads(threads)
     import adag
     from adag.graphs.graph import Graph
-    from adag.graphs.neurons import trace
+    from adag.graphs.trace import trace
 
     model = adag.load_model("smollm2-135m")
     prompts = [f"The capital of {c} is" for c in COUNTRIES[:n_prompts]]

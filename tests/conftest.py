@@ -1,14 +1,41 @@
 """Shared fixtures: tiny random models of every supported architecture (float64) and the real
-SmolLM2-135M (float32)."""
+SmolLM2-135M (float32), loaded once per session.
+
+Every test that loads SmolLM2 carries the ``smollm2`` marker automatically (``make test-fast``
+runs ``-m "not smollm2"``): tests that use the ``smollm2`` fixture (directly or through another
+fixture), every test of the modules in ``SMOLLM2_MODULES``, and the tests in ``SMOLLM2_TESTS``
+that load it by path.
+"""
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
 
 from adag.models.model import Model
+
+SMOLLM2_MODULES = {"test_cli", "test_trace_cli", "test_docs", "test_smollm2"}
+"""Modules that load SmolLM2 through the CLI or the README, not through the fixture."""
+SMOLLM2_TESTS = {"test_load.py::test_gguf_conversion_is_atomic_and_cached"}
+"""Single tests that load SmolLM2 from its GGUF file themselves."""
+CACHED_LOADER_MODULES = {"test_cli", "test_trace_cli", "test_docs"}
+"""Modules whose ``load_model("smollm2-135m")`` returns the session's model (see
+:func:`cached_smollm2_loader`)."""
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        module = Path(str(item.fspath)).stem
+        by_id = item.nodeid.split("[")[0].split("/")[-1] in SMOLLM2_TESTS
+        uses = "smollm2" in getattr(item, "fixturenames", ())
+        if uses or by_id or module in SMOLLM2_MODULES:
+            item.add_marker(pytest.mark.smollm2)
+
 
 ARCHS = ["llama", "qwen2", "qwen3", "gemma2", "gemma3_text", "olmo2", "gpt2"]
 VOCAB = 61
@@ -107,8 +134,42 @@ def tokens() -> torch.Tensor:
     return torch.randint(0, VOCAB, (2, 9), generator=gen)
 
 
+@functools.cache
+def _session_smollm2() -> Model:
+    """SmolLM2 loaded once per session, on first use (the fixture and the CLI loader share it)."""
+    from adag.models import load
+
+    real = getattr(load.load_model, "__wrapped__", load.load_model)  # never the cached loader
+    return real("smollm2-135m")
+
+
 @pytest.fixture(scope="session")
 def smollm2() -> Model:
-    from adag.models.load import load_model
+    return _session_smollm2()
 
-    return load_model("smollm2-135m")
+
+@pytest.fixture(autouse=True)
+def cached_smollm2_loader(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[None]:
+    """In the modules of ``CACHED_LOADER_MODULES``, ``adag.models.load.load_model`` (which the CLI
+    and ``adag.load_model`` resolve at call time) returns the session's SmolLM2 for the default
+    alias, dtype and device instead of loading another copy; anything else loads for real. The
+    session model is only loaded when asked for, so error tests load nothing."""
+    if Path(str(request.node.fspath)).stem not in CACHED_LOADER_MODULES:
+        yield
+        return
+    import adag.models.load as load
+
+    real = load.load_model
+
+    def load_model(
+        name: str = load.DEFAULT_MODEL, *, dtype: str = "float32", device: str = "cpu"
+    ) -> Model:
+        if (name, dtype, device) == ("smollm2-135m", "float32", "cpu"):
+            return _session_smollm2()
+        return real(name, dtype=dtype, device=device)
+
+    load_model.__wrapped__ = real  # type: ignore[attr-defined]
+    monkeypatch.setattr(load, "load_model", load_model)
+    yield

@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from adag.errors import AdagError
 from adag.patching.baselines import (
     MethodResult,
     blocks,
@@ -166,6 +167,34 @@ def test_method_result_validates() -> None:
         cost_to_find(res, np.zeros(6), [1], n_pairs=1)
     with pytest.raises(ValueError):
         cost_to_find(res, np.zeros(5), [6], n_pairs=1)
+
+
+_ORACLE = AdditiveOracle(np.arange(5.0))
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: blocks(_ORACLE, block_size=0), "block_size must be at least 1, got 0"),
+        (lambda: hierarchical(_ORACLE, branching=1), "branching must be at least 2, got 1"),
+        (lambda: subsampling(_ORACLE, prob=0.0), "probability must be in (0, 1), got 0.0"),
+        (lambda: subsampling(_ORACLE, n_samples=0), "n_subsets must be at least 1, got 0"),
+        (lambda: blocks(_ORACLE, order=np.array([0, 1])), "order must be a permutation of 0..4"),
+        (lambda: estimator("e", np.zeros((2, 3)), 0.0), "e: scores must be one value per node"),
+        (lambda: recall_at(np.zeros(4), np.zeros(5), top_true=1, within=1), "ranks 4 nodes"),
+        (lambda: recall_at(np.zeros(5), np.zeros(5), top_true=6, within=1), "top_true must be"),
+        (lambda: rank_of_true_top(np.zeros(5), np.zeros(5), top_true=-1), "got -1"),
+        (
+            lambda: cost_to_find(iterative(_ORACLE), np.zeros(5), [1], n_pairs=0),
+            "n_pairs must be at least 1, got 0",
+        ),
+        (lambda: cost_to_find(iterative(_ORACLE), np.zeros(5), [6], n_pairs=1), "xs must be"),
+    ],
+)
+def test_user_errors_are_one_line(call, message: str) -> None:
+    with pytest.raises(AdagError) as e:
+        call()
+    assert message in str(e.value) and "\n" not in str(e.value)
 
 
 def test_curves_plot_and_parquet(tmp_path: Path) -> None:

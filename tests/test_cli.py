@@ -1,4 +1,7 @@
-"""The command line: output formats and exit code 2 with one line for bad input."""
+"""The command line: output formats, resume, and exit code 2 with one line for bad input.
+
+``load_model("smollm2-135m")`` returns the session's model here (conftest's
+``cached_smollm2_loader``); only the ``python -m adag`` subprocess loads its own."""
 
 from __future__ import annotations
 
@@ -48,9 +51,10 @@ def test_predict_table():
     assert "' Mary'" in r.stdout
 
 
-def test_errors_exit_2_with_one_line():
+def test_errors_exit_2_with_one_line(tmp_path):
     for args, msg in [
         (["predict", "no-such-model", "hi"], "unknown model 'no-such-model'"),
+        (["patch", "no-such-model", "--out", str(tmp_path)], "unknown model 'no-such-model'"),
         (["predict", "smollm2-135m", "hi", "--dtype", "int3"], "unsupported dtype 'int3'"),
         (["predict", "smollm2-135m", "hi", "-k", "0"], "-k must be at least 1"),
         (["predict", "smollm2-135m", ""], "the prompt is empty"),
@@ -74,31 +78,32 @@ def test_python_dash_m_is_the_same_cli():
     ]
 
 
-def test_patch_writes_table_and_plot(tmp_path):
-    r = runner.invoke(
-        app,
-        [
-            "patch",
-            "--out",
-            str(tmp_path),
-            "--n-pairs",
-            "2",
-            "--method",
-            "atp",
-            "--nodes",
-            "heads",
-            "--json",
-        ],
-    )
+def test_patch_writes_table_and_plot_then_reuses_them(tmp_path):
+    args = ["patch", "smollm2-135m", "--out", str(tmp_path), "--n-pairs", "2", "--method", "atp"]
+    r = runner.invoke(app, [*args, "--nodes", "heads", "--json"])
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
+    assert out["reused"] is False
     assert out["top"][0][0].startswith("head:")
     files = sorted(p.name for p in (tmp_path / "patching").iterdir())
-    assert files == ["atp.parquet", "atp.png"]
+    assert files == ["atp.parquet", "atp.parquet.key.json", "atp.png"]
     import pyarrow.parquet as pq
 
-    t = pq.read_table(tmp_path / "patching" / "atp.parquet")
+    table = tmp_path / "patching" / "atp.parquet"
+    t = pq.read_table(table)
     assert t.column_names == ["node", "estimate", "abs_estimate"]
+    mtime = table.stat().st_mtime_ns
+    # the same settings again (another batch size, which does not change the effects): reused
+    again = runner.invoke(app, [*args, "--nodes", "heads", "--batch-size", "8", "--json"])
+    assert again.exit_code == 0, again.output
+    second = json.loads(again.stdout)
+    assert second["reused"] is True and second["top"] == out["top"]
+    assert table.stat().st_mtime_ns == mtime
+    # another node set decides the content: recomputed
+    other = runner.invoke(app, [*args, "--nodes", "sublayers", "--json"])
+    assert other.exit_code == 0, other.output
+    third = json.loads(other.stdout)
+    assert third["reused"] is False and third["top"][0][0].split(":")[0] in ("attn", "mlp")
 
 
 def test_patch_from_pairs_file(tmp_path):
@@ -118,6 +123,7 @@ def test_patch_from_pairs_file(tmp_path):
         app,
         [
             "patch",
+            "smollm2-135m",
             "--out",
             str(tmp_path / "run"),
             "--pairs",
@@ -146,7 +152,7 @@ def test_patch_errors_exit_2_and_write_nothing(tmp_path):
     ]
     for extra, msg in cases:
         out = tmp_path / "run"
-        r = runner.invoke(app, ["patch", "--out", str(out), *extra])
+        r = runner.invoke(app, ["patch", "smollm2-135m", "--out", str(out), *extra])
         assert r.exit_code == 2, (extra, r.output)
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and msg in lines[0], (extra, r.stderr)
@@ -155,7 +161,7 @@ def test_patch_errors_exit_2_and_write_nothing(tmp_path):
 
 def test_patch_evaluate_prints_summary(tmp_path, monkeypatch):
     """The --evaluate table (the evaluation itself is tested in test_patching.py)."""
-    import adag.patching.run as run
+    import adag.pipeline.patch as run
 
     seen = {}
 
@@ -172,7 +178,9 @@ def test_patch_evaluate_prints_summary(tmp_path, monkeypatch):
         }
 
     monkeypatch.setattr(run, "evaluate", fake_evaluate)
-    r = runner.invoke(app, ["patch", "--out", str(tmp_path), "--n-pairs", "2", "--evaluate"])
+    r = runner.invoke(
+        app, ["patch", "smollm2-135m", "--out", str(tmp_path), "--n-pairs", "2", "--evaluate"]
+    )
     assert r.exit_code == 0, r.output
     assert seen == {"pairs": 2}
     assert (

@@ -141,3 +141,26 @@ def test_linear_replica_is_the_linearised_map(tiny: Model, tokens, rule):
         _, c = tiny.run_with_cache(toks.expand(2, -1), [site], patches=[Patch(emb, x)])
     jvp = ((c[site][1] - c[site][0]) * readout).sum()
     torch.testing.assert_close(jvp, (g * delta).sum(), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_rule_gradient_is_exactly_post_partials(tiny: Model, tokens, rule):
+    """Seeding the linearised backward at a layer's neurons with ones gives, at its gate and up
+    pre-activations, exactly (bit for bit) the closed-form partials of ``post_partials``: the
+    rule is written once."""
+    from adag.models.linear import post_partials
+
+    layer = 1
+    p = f"blocks.{layer}.mlp."
+    inputs = [p + "hook_pre", *([p + "hook_pre_linear"] if tiny.spec.gated else [])]
+    with linearize(tiny, mlp=rule), tiny.sites(read=[*inputs, p + "hook_post"], grad=inputs) as run:
+        tiny(tokens)
+        post = run.value(p + "hook_post")
+        grads = run.vjp([post], [torch.ones_like(post)])
+    pg, pu = post_partials(
+        rule, tiny.act, tiny.spec.gated, run.cache[p + "hook_pre"], run.cache.get(inputs[-1])
+    )
+    assert torch.equal(grads[p + "hook_pre"], pg)
+    if tiny.spec.gated:
+        assert pu is not None
+        assert torch.equal(grads[p + "hook_pre_linear"], pu)

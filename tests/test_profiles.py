@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from adag.errors import AdagError
-from adag.graphs.neurons import trace
+from adag.graphs.trace import trace
 from adag.models.model import Model
 from adag.profiles import profile, save_profiles
 from adag.tasks.prompts import PromptSpec, load_prompts

@@ -92,7 +92,7 @@ def test_trace_edges_and_completeness_on_real_model(smollm2: Model):
     """float32 SmolLM2: RelP complete (no biases in Llama), and the strongest neuron→neuron and
     neuron→logit edges = the change in the patch-built frozen reference when the source is
     removed (the reference is linear, so removing a source moves the target by its edge)."""
-    from adag.graphs.neurons import trace
+    from adag.graphs.trace import trace
 
     from .reference import reference_logits, reference_patches
 
@@ -133,7 +133,7 @@ def test_trace_edges_and_completeness_on_real_model(smollm2: Model):
 
 
 def test_chat_seed_traces_the_seed_token(smollm2: Model):
-    from adag.graphs.neurons import assemble_prompt, trace
+    from adag.graphs.trace import assemble_prompt, trace
 
     text, ids = assemble_prompt(
         smollm2, "What is the capital of France?", chat=True, seed="Answer:"

@@ -85,7 +85,6 @@ def capitals_all(smollm2: Model) -> list[PromptPair]:
     return capitals(smollm2, 10**6, seed=0)
 
 
-@pytest.mark.smollm2
 def test_ioi_pairs_are_answered(smollm2: Model, ioi20: list[PromptPair]):
     assert len(ioi20) == 20 and len({p.clean for p in ioi20}) == 20
     check_pairs(smollm2, ioi20)
@@ -104,7 +103,6 @@ def test_ioi_pairs_are_answered(smollm2: Model, ioi20: list[PromptPair]):
     assert orders == {True, False}
 
 
-@pytest.mark.smollm2
 def test_ioi_is_deterministic_per_seed(smollm2: Model, ioi20: list[PromptPair]):
     assert ioi(smollm2, 20, seed=0) == ioi20
     assert ioi(smollm2, 6, seed=0) == ioi20[:6]  # a smaller n is a prefix
@@ -112,7 +110,6 @@ def test_ioi_is_deterministic_per_seed(smollm2: Model, ioi20: list[PromptPair]):
     assert len(other) == 20 and other != ioi20
 
 
-@pytest.mark.smollm2
 def test_capitals_pairs_are_answered(smollm2: Model, capitals_all: list[PromptPair]):
     # Every clean (template, country) prompt the model knows, times every known partner country
     # of the same token length: 2686 pairs over 117 clean prompts on SmolLM2 (float32, CPU).
@@ -129,14 +126,12 @@ def test_capitals_pairs_are_answered(smollm2: Model, capitals_all: list[PromptPa
         assert p.clean != p.noise and p.answer != p.foil
 
 
-@pytest.mark.smollm2
 def test_capitals_is_deterministic_per_seed(smollm2: Model, capitals_all: list[PromptPair]):
     assert capitals(smollm2, 20, seed=0) == capitals_all[:20]
     other = make_task("capitals", smollm2, 20, seed=1)
     assert len(other) == 20 and other != capitals_all[:20]
 
 
-@pytest.mark.smollm2
 def test_make_task(smollm2: Model, ioi20: list[PromptPair]):
     assert set(TASKS) == {"ioi", "capitals"}
     assert make_task("ioi", smollm2, 3) == ioi20[:3]
@@ -163,7 +158,6 @@ class _Clueless:
         return logits
 
 
-@pytest.mark.smollm2
 @pytest.mark.parametrize("task", ["ioi", "capitals"])
 def test_task_error_when_nothing_is_answered(smollm2: Model, task: str):
     with pytest.raises(AdagError) as e:
@@ -174,7 +168,6 @@ def test_task_error_when_nothing_is_answered(smollm2: Model, task: str):
 # -- tokenization ----------------------------------------------------------------------------------
 
 
-@pytest.mark.smollm2
 def test_tokenize_pair(smollm2: Model):
     tp = tokenize_pair(smollm2, IOI)
     assert tp.pair is IOI and tp.clean.dtype == torch.long
@@ -186,7 +179,6 @@ def test_tokenize_pair(smollm2: Model):
     assert no_foil.foil_id is None
 
 
-@pytest.mark.smollm2
 @pytest.mark.parametrize(
     ("pair", "needles"),
     [
@@ -207,7 +199,6 @@ def test_tokenize_pair_errors(smollm2: Model, pair: PromptPair, needles: list[st
         assert needle in msg
 
 
-@pytest.mark.smollm2
 def test_tokenize_pairs_names_the_index(smollm2: Model):
     bad = PromptPair(IOI.clean, IOI.noise, " Mary Ann", " John")
     with pytest.raises(AdagError) as e:
@@ -236,7 +227,6 @@ def ioi_logits(smollm2: Model) -> tuple[torch.Tensor, TokenizedPair]:
     return logits, tp
 
 
-@pytest.mark.smollm2
 def test_logit_diff_by_hand(ioi_logits: tuple[torch.Tensor, TokenizedPair]):
     logits, tp = ioi_logits
     m = logit_diff()
@@ -259,7 +249,6 @@ def test_logit_diff_by_hand(ioi_logits: tuple[torch.Tensor, TokenizedPair]):
     assert torch.equal(grad, expected)
 
 
-@pytest.mark.smollm2
 def test_logit_diff_needs_a_foil(smollm2: Model, ioi_logits: tuple[torch.Tensor, TokenizedPair]):
     logits, _ = ioi_logits
     tp = tokenize_pair(smollm2, PromptPair(IOI.clean, IOI.noise, " Mary"))
@@ -269,7 +258,6 @@ def test_logit_diff_needs_a_foil(smollm2: Model, ioi_logits: tuple[torch.Tensor,
     assert answer_prob()(logits, tp).shape == (2,)
 
 
-@pytest.mark.smollm2
 def test_answer_prob_by_hand(ioi_logits: tuple[torch.Tensor, TokenizedPair]):
     logits, tp = ioi_logits
     m = answer_prob()
@@ -281,14 +269,12 @@ def test_answer_prob_by_hand(ioi_logits: tuple[torch.Tensor, TokenizedPair]):
     assert 0.3 < got[0].item() < 1.0 and got[1].item() < 0.05
 
 
-@pytest.mark.smollm2
 def test_metrics_upcast_half_logits(ioi_logits: tuple[torch.Tensor, TokenizedPair]):
     logits, tp = ioi_logits
     got = logit_diff()(logits.bfloat16(), tp)
     assert got.dtype == torch.float32
 
 
-@pytest.mark.smollm2
 def test_make_metric(ioi_logits: tuple[torch.Tensor, TokenizedPair]):
     logits, tp = ioi_logits
     assert make_metric(None).name == "logit_diff"

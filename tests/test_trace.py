@@ -11,7 +11,7 @@ import torch
 
 from adag.errors import AdagError
 from adag.graphs.graph import Graph
-from adag.graphs.neurons import trace
+from adag.graphs.trace import trace
 from adag.models.linear import linearize
 from adag.models.model import Model
 from adag.models.sites import Patch
@@ -334,3 +334,26 @@ def test_half_precision_models_trace_to_float32_graphs(dtype, ids, tmp_path):
     assert g.settings["dtype"] == str(dtype).removeprefix("torch.")
     assert g.n_edges > 0 and np.isfinite(g.edge_weight).all()
     assert Graph.load(g.save(tmp_path / "g")) == g
+
+
+def test_trace_config_is_the_one_list_of_settings(tiny: Model, ids):
+    """``trace(model, p, config)`` equals ``trace(model, p, **fields)``; bad fields and values are
+    one-line errors naming them; the content fields are what settings record."""
+    from adag.graphs.config import TraceConfig
+
+    cfg = TraceConfig(k=2, node_threshold=0.05, edge_threshold=0.02, batch_size=5)
+    a = trace(tiny, ids, cfg)[0]
+    b = trace(tiny, ids, k=2, node_threshold=0.05, edge_threshold=0.02, batch_size=5)[0]
+    assert a == b
+    assert {k: a.settings[k] for k in cfg.content(tiny)} == cfg.content(tiny)
+    assert trace(tiny, ids, cfg, batch_size=3)[0].settings["batch_size"] == 3
+    with pytest.raises(AdagError, match="unknown trace option"):
+        trace(tiny, ids, node_treshold=0.1)
+    for bad, msg in [
+        ({"k": 0}, "k must be at least 1"),
+        ({"edge_threshold": float("nan")}, "thresholds must be >= 0"),
+        ({"batch_size": 0}, "batch_size must be at least 1"),
+        ({"max_batch_tokens": 0}, "max_batch_tokens must be at least 1"),
+    ]:
+        with pytest.raises(AdagError, match=msg):
+            TraceConfig(**bad)

@@ -5,6 +5,39 @@ The front door is small and imported lazily, so ``import adag`` is cheap::
     import adag
     model = adag.load_model()                   # SmolLM2-135M-Instruct, offline
     model.top_k("The capital of France is")     # [TokenProb(token=' Paris', ...), ...]
+    graph, = adag.trace(model, "The capital of France is")
+
+Where things live (each layer imports only from the ones above it):
+
+- ``errors``            AdagError: the one-line user error (exit 2 from the CLI)
+- ``io``                atomic writes (temp file + rename) used by every writer
+- ``nodes``             node ids as code: format, parse, to_patch, the circuit-tracer id mapping
+- ``models.specs``      one data row per architecture (module paths, norm, MLP, activation, softcaps)
+- ``models.load``       load_model: aliases, hub ids, local dirs, GGUF → safetensors cache
+- ``models.model``      Model: tokens, forward, top_k, run_with_cache, run-time sites, sessions
+- ``models.ops``        norm formulas and activation ratios
+- ``models.attention``  the attention score formula (scale, GQA, softcap), used by the model and the QK fix
+- ``models.sites``      named sites: read / patch / differentiate anything in one forward; the hooks
+- ``models.linear``     the linearised backward (frozen norms and patterns; the relp half rule in
+                        ``post_partials``) and the linear replica
+- ``tasks``             prompts, prompt pairs, metrics, built-in tasks (ioi, capitals), JSONL readers
+- ``patching.node_sets`` patchable node sets (heads, qkv, neurons, sublayers) and their patches
+- ``patching.patch``    exhaustive activation patching (ground truth), PatchingOracle
+- ``patching.atp``      AtP, the QK fix, GradDrop, AtP*
+- ``patching.scores``   NodeScores tables; ``oracle``, ``bound`` (false-negative bound),
+                        ``baselines``, ``evaluate`` (cost-to-find-top-x curves)
+- ``graphs.config``     TraceConfig: every tracing setting; its content fields are the resume key
+- ``graphs.family``     the node-family interface (where a node kind is read, seeded, written)
+- ``graphs.neurons``    MLP neurons as a node family (closed-form relp seeds)
+- ``graphs.trace``      trace: clean run, node attribution, input attribution, edges, assembly
+- ``graphs.graph``      Graph: the one graph type, lossless save/load (safetensors + JSON)
+- ``graphs.prune``      influence pruning (circuit-tracer's rule)
+- ``graphs.export``     circuit-tracer / Neuronpedia viewer JSON (write-only) and its index
+- ``profiles``          attribution profiles of graph nodes (long table)
+- ``pipeline.resume``   resume keys: a stage skips outputs written under the same key
+- ``pipeline.trace``    the trace stage: graphs/, viewer/, profiles.parquet of a run directory
+- ``pipeline.patch``    the patch stage: patching/ tables, plots and evaluation
+- ``cli``               the ``adag`` command (typer), one error handler for every command
 """
 
 from __future__ import annotations
@@ -25,7 +58,7 @@ _EXPORTS = {
     "atp_star": "adag.patching.atp",
     "NodeScores": "adag.patching.scores",
     "PromptPair": "adag.tasks.pairs",
-    "trace": "adag.graphs.neurons",
+    "trace": "adag.graphs.trace",
     "Graph": "adag.graphs.graph",
     "profile": "adag.profiles",
 }
@@ -50,7 +83,7 @@ __all__ = [
 if TYPE_CHECKING:
     from adag.errors import AdagError
     from adag.graphs.graph import Graph
-    from adag.graphs.neurons import trace
+    from adag.graphs.trace import trace
     from adag.models.linear import linearize
     from adag.models.load import load_model
     from adag.models.model import Model

@@ -1,6 +1,8 @@
 """The ``adag`` command line: a thin typer layer over the public functions.
 
-Bad input (an :class:`~adag.errors.AdagError`) prints one line to stderr and exits 2.
+MODEL is positional in every command; a command that creates a run directory takes ``--out``.
+Bad input (an :class:`~adag.errors.AdagError` raised anywhere in a command) prints one line to
+stderr and exits 2: :class:`_AdagGroup` handles it once for every command.
 """
 
 from __future__ import annotations
@@ -8,18 +10,36 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
 
 from adag.errors import AdagError
 
+
+class _AdagGroup(TyperGroup):
+    """The command group with the CLI's one error handler: an AdagError from any command (or
+    its argument parsing) becomes ``adag: error: <message>`` on stderr and exit status 2.
+
+    It lives in the group's ``invoke`` rather than in :func:`main` so that ``adag``, ``python -m
+    adag`` and typer's ``CliRunner.invoke(app, ...)`` (which bypasses ``main``) behave the same.
+    """
+
+    def invoke(self, ctx: Any) -> Any:  # ctx: typer's vendored click Context (private module)
+        try:
+            return super().invoke(ctx)
+        except AdagError as e:
+            typer.echo(f"adag: error: {e}", err=True)
+            raise typer.Exit(2) from None
+
+
 app = typer.Typer(
     name="adag",
+    cls=_AdagGroup,
     help="Find and explain the circuits inside language models.",
     no_args_is_help=True,
     add_completion=False,
@@ -31,11 +51,6 @@ ModelArg = Annotated[str, typer.Argument(help="alias, Hugging Face id, local dir
 DtypeOpt = Annotated[str, typer.Option(help="float32, float64, bfloat16 or float16")]
 DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print the result as JSON")]
-
-
-def _fail(message: str) -> None:
-    typer.echo(f"adag: error: {message}", err=True)
-    raise typer.Exit(2)
 
 
 @app.command()
@@ -76,16 +91,12 @@ def predict(
     """Show the model's top-k next tokens after PROMPT."""
     from adag.models.load import load_model
 
-    try:
-        if k < 1:
-            raise AdagError(f"-k must be at least 1, got {k}")
-        if not prompt:
-            raise AdagError("the prompt is empty; give some text")
-        m = load_model(model, dtype=dtype, device=device)
-        top = m.top_k(prompt, k)
-    except AdagError as e:
-        _fail(str(e))
-        return
+    if k < 1:
+        raise AdagError(f"-k must be at least 1, got {k}")
+    if not prompt:
+        raise AdagError("the prompt is empty; give some text")
+    m = load_model(model, dtype=dtype, device=device)
+    top = m.top_k(prompt, k)
     if as_json:
         typer.echo(json.dumps([{"token": t.token, "id": t.id, "prob": t.prob} for t in top]))
         return
@@ -99,10 +110,8 @@ def predict(
 
 @app.command()
 def patch(
+    model: ModelArg,
     out: Annotated[Path, typer.Option("--out", help="run directory (writes RUN_DIR/patching/)")],
-    model: Annotated[
-        str, typer.Option(help="alias, Hugging Face id, local directory or .gguf")
-    ] = "smollm2-135m",
     task: Annotated[str, typer.Option(help="built-in task: ioi or capitals")] = "ioi",
     n_pairs: Annotated[int, typer.Option(help="how many prompt pairs to generate")] = 20,
     pairs: Annotated[Path | None, typer.Option(help="JSONL prompt pairs (replaces --task)")] = None,
@@ -125,41 +134,38 @@ def patch(
     device: DeviceOpt = "cpu",
     as_json: JsonOpt = False,
 ) -> None:
-    """Localise a behaviour: AtP* (or another method) over prompt pairs; --evaluate compares every
-    method with exhaustive activation patching."""
+    """Localise a behaviour in MODEL: AtP* (or another method) over prompt pairs; --evaluate
+    compares every method with exhaustive activation patching. A table already written with the
+    same settings is reused."""
     from adag.models.load import load_model
-    from adag.patching.nodes import node_set
-    from adag.patching.run import METHODS, patch_command
+    from adag.patching.node_sets import node_set
+    from adag.pipeline.patch import METHODS, patch_command
     from adag.tasks import load_pairs, make_task
 
     err = Console(stderr=True)
-    try:
-        if method not in METHODS:
-            raise AdagError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-        if n_pairs < 1:
-            raise AdagError(f"--n-pairs must be at least 1, got {n_pairs}")
-        if batch_size < 1:
-            raise AdagError(f"--batch-size must be at least 1, got {batch_size}")
-        prompt_pairs = load_pairs(pairs) if pairs is not None else None
-        m = load_model(model, dtype=dtype, device=device)
-        node_set(m, nodes, 1)  # validate the node spec before any work
-        if prompt_pairs is None:
-            with err.status(f"generating {task} pairs"):
-                prompt_pairs = make_task(task, m, n_pairs, seed=seed)
-        with err.status("patching") as status:
-            result = patch_command(
-                m,
-                prompt_pairs,
-                out,
-                method=method,
-                nodes=nodes,
-                batch_size=batch_size,
-                evaluate_all=evaluate,
-                progress=lambda msg: status.update(f"patching: {msg}"),
-            )
-    except AdagError as e:
-        _fail(str(e))
-        return
+    if method not in METHODS:
+        raise AdagError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    if n_pairs < 1:
+        raise AdagError(f"--n-pairs must be at least 1, got {n_pairs}")
+    if batch_size < 1:
+        raise AdagError(f"--batch-size must be at least 1, got {batch_size}")
+    prompt_pairs = load_pairs(pairs) if pairs is not None else None
+    m = load_model(model, dtype=dtype, device=device)
+    node_set(m, nodes, 1)  # validate the node spec before any work
+    if prompt_pairs is None:
+        with err.status(f"generating {task} pairs"):
+            prompt_pairs = make_task(task, m, n_pairs, seed=seed)
+    with err.status("patching") as status:
+        result = patch_command(
+            m,
+            prompt_pairs,
+            out,
+            method=method,
+            nodes=nodes,
+            batch_size=batch_size,
+            evaluate_all=evaluate,
+            progress=lambda msg: status.update(f"patching: {msg}"),
+        )
     if as_json:
         typer.echo(json.dumps(result, indent=2, default=str))
         return
@@ -172,7 +178,8 @@ def patch(
         for i, (node, value) in enumerate(result["top"], 1):
             t.add_row(str(i), node, f"{value:+.4f}")
         console.print(t)
-        console.print(f"wrote {result['table']} and {result['plot']}")
+        verb = "reused" if result["reused"] else "wrote"
+        console.print(f"{verb} {result['table']} and {result['plot']}")
     else:
         t = Table(title=f"evaluation against exhaustive patching ({result['n_nodes']} nodes)")
         for col in ("method", "seconds", "recall top-20 in top-40", "true top-50 below rank 500"):
@@ -191,6 +198,11 @@ def patch(
         )
 
 
+from adag.graphs.config import TraceConfig  # noqa: E402  (torch-free: the CLI mirrors its fields)
+
+_TC = TraceConfig()  # the defaults of every trace option
+
+
 @app.command()
 def trace(
     model: ModelArg,
@@ -205,7 +217,6 @@ def trace(
         Path | None,
         typer.Option("--prompts", help='JSONL ({"prompt": ..., "seed": ...}) or one prompt a line'),
     ] = None,
-    k: Annotated[int, typer.Option("-k", "--k", help="trace the top-k next tokens")] = 5,
     target: Annotated[
         list[str] | None,
         typer.Option("--target", help="trace this token instead of the top-k (repeatable)"),
@@ -213,15 +224,25 @@ def trace(
     foil: Annotated[
         str | None, typer.Option(help="with one --target: trace logit(target) - logit(foil)")
     ] = None,
-    chat: Annotated[bool, typer.Option("--chat", help="wrap prompts in the chat template")] = False,
     seed: Annotated[
         str | None, typer.Option(help='seed response opening the assistant turn, e.g. "Answer:"')
     ] = None,
+    # -- TraceConfig fields (defaults and help from the dataclass) --
+    k: Annotated[int, typer.Option("-k", "--k", help=TraceConfig.help("k"))] = _TC.k,
+    chat: Annotated[bool, typer.Option("--chat", help=TraceConfig.help("chat"))] = _TC.chat,
     node_threshold: Annotated[
-        float, typer.Option(help="keep neurons with |RelP| >= this fraction of |metric|")
-    ] = 0.005,
-    edge_threshold: Annotated[float, typer.Option(help="keep edges with |weight| >= this")] = 0.01,
-    batch_size: Annotated[int, typer.Option(help="target nodes per backward pass")] = 32,
+        float, typer.Option(help=TraceConfig.help("node_threshold"))
+    ] = _TC.node_threshold,
+    edge_threshold: Annotated[
+        float, typer.Option(help=TraceConfig.help("edge_threshold"))
+    ] = _TC.edge_threshold,
+    exclude_bos: Annotated[
+        bool, typer.Option("--exclude-bos/--keep-bos", help=TraceConfig.help("exclude_bos"))
+    ] = _TC.exclude_bos,
+    batch_size: Annotated[int, typer.Option(help=TraceConfig.help("batch_size"))] = _TC.batch_size,
+    max_batch_tokens: Annotated[
+        int, typer.Option(help=TraceConfig.help("max_batch_tokens"))
+    ] = _TC.max_batch_tokens,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
     as_json: JsonOpt = False,
@@ -229,41 +250,36 @@ def trace(
     """Trace neuron attribution graphs (ADAG) for PROMPT or a prompt file."""
     from rich.progress import Progress
 
-    from adag.graphs.run import trace_command
     from adag.models.load import load_model
+    from adag.pipeline.trace import trace_stage
     from adag.tasks.prompts import PromptSpec, load_prompts
 
-    try:
-        if (prompt is None) == (prompts is None):
-            raise AdagError("give either a PROMPT or --prompts FILE (not both)")
-        if foil is not None and len(target or []) != 1:
-            raise AdagError("--foil needs exactly one --target")
-        specs = load_prompts(prompts) if prompts is not None else [PromptSpec(prompt or "", seed)]
-        if seed is not None:
-            specs = [
-                PromptSpec(p.prompt, p.seed if p.seed is not None else seed, p.label) for p in specs
-            ]
-        targets: Any = None
-        if target:
-            targets = {target[0]: 1.0, foil: -1.0} if foil is not None else list(target)
-        m = load_model(model, dtype=dtype, device=device)
-        with Progress(console=Console(stderr=True), transient=True) as bar:
-            task = bar.add_task("tracing", total=len(specs))
-            result = trace_command(
-                m,
-                specs,
-                out,
-                k=k,
-                targets=targets,
-                node_threshold=node_threshold,
-                edge_threshold=edge_threshold,
-                chat=chat,
-                batch_size=batch_size,
-                progress=lambda n: bar.advance(task, n),
-            )
-    except AdagError as e:
-        _fail(str(e))
-        return
+    if (prompt is None) == (prompts is None):
+        raise AdagError("give either a PROMPT or --prompts FILE (not both)")
+    if foil is not None and len(target or []) != 1:
+        raise AdagError("--foil needs exactly one --target")
+    targets: Any = None
+    if target:
+        targets = {target[0]: 1.0, foil: -1.0} if foil is not None else list(target)
+    config = TraceConfig(
+        k=k,
+        targets=targets,
+        node_threshold=node_threshold,
+        edge_threshold=edge_threshold,
+        chat=chat,
+        exclude_bos=exclude_bos,
+        batch_size=batch_size,
+        max_batch_tokens=max_batch_tokens,
+    )
+    specs = load_prompts(prompts) if prompts is not None else [PromptSpec(prompt or "", seed)]
+    if seed is not None:
+        specs = [
+            PromptSpec(p.prompt, p.seed if p.seed is not None else seed, p.label) for p in specs
+        ]
+    m = load_model(model, dtype=dtype, device=device)
+    with Progress(console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("tracing", total=len(specs))
+        result = trace_stage(m, specs, out, config, progress=lambda n: bar.advance(task, n))
     if as_json:
         typer.echo(json.dumps(result, indent=2, default=str))
         return
@@ -291,8 +307,4 @@ def main() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    try:
-        app()
-    except AdagError as e:  # raised outside a command's own handler
-        print(f"adag: error: {e}", file=sys.stderr)  # noqa: T201
-        sys.exit(2)
+    app()  # AdagError -> one line, exit 2: handled by _AdagGroup.invoke

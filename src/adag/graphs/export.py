@@ -1,5 +1,6 @@
 """Viewer JSON: write a :class:`~adag.graphs.graph.Graph` in the graph format of circuit-tracer's
-frontend and Neuronpedia, and read back the files adag wrote.
+frontend and Neuronpedia. Write-only: the lossless format of a graph is
+:meth:`~adag.graphs.graph.Graph.save`; this file is for looking at it.
 
 Followed from the ``circuit-tracer`` library (``circuit_tracer/frontend/graph_models.py`` and
 ``circuit_tracer/utils/create_graph_files.py``, ``circuit_tracer/frontend/utils.py``):
@@ -12,29 +13,19 @@ Followed from the ``circuit-tracer`` library (``circuit_tracer/frontend/graph_mo
   ``"both"``, ``clickedId`` ``""``, ``sg_pos`` ``""``.
 - Every node has the ``Node`` fields ``node_id``, ``feature``, ``layer``, ``ctx_idx``,
   ``feature_type``, ``token_prob``, ``is_target_logit``, ``run_idx`` (0), ``reverse_ctx_idx``
-  (0), ``jsNodeId``, ``clerp``, ``influence``, ``activation``, built as the classmethods do:
-
-  - ``neuron`` and ``feature`` (``Node.feature_node``): node_id ``L_I_P``, feature
-    ``cantor(L, I)``, layer ``"L"``, feature_type ``"cross layer transcoder"``, jsNodeId
-    ``L_I-0``, activation the node's activation;
-  - ``error`` (``Node.error_node``): node_id ``L_-1_P``, feature -1, layer ``"L"``,
-    feature_type ``"mlp reconstruction error"``, jsNodeId ``L_-1-P``;
-  - ``embed`` (``Node.token_node``): node_id ``E_tok_P``, feature P, layer ``"E"``,
-    feature_type ``"embedding"``, jsNodeId ``E_tok-P``;
-  - ``logit`` (``Node.logit_node``): node_id ``{n+1}_tok_P``, feature tok, layer ``"{n+1}"``,
-    feature_type ``"logit"``, jsNodeId ``L_tok-P``;
-
-  (L layer, P position, I neuron / feature index, tok token id, n the number of layers, which is
-  a logit node's ``node_layer`` here.) ``feature`` is the Cantor pairing ``(L+I)(L+I+1)/2 + I``
-  that the frontend unpairs for ``schema_version > 0``. Logit nodes get ``token_prob`` from
-  ``target_probs``, ``clerp`` ``Output "tok" (p=0.123)`` and ``influence``/``activation`` null;
-  embedding and error nodes get ``activation`` null. ``influence`` is the node's cumulative
-  influence fraction (``prune_graph``'s ``cumulative_scores``, see
-  :func:`adag.graphs.prune.cumulative_influence`).
+  (0), ``jsNodeId``, ``clerp``, ``influence``, ``activation``, built as the classmethods do.
+  ``node_id``, ``feature``, ``layer``, ``feature_type`` and ``jsNodeId`` of each kind come from
+  :func:`adag.nodes.circuit_tracer_fields` (the one place that maps adag ids to circuit-tracer's;
+  its docstring lists the rules); ``ctx_idx`` is the position. Neuron and feature nodes get
+  their activation; logit nodes get ``token_prob`` from ``target_probs``, ``clerp``
+  ``Output "tok" (p=0.123)`` and ``influence``/``activation`` null; embedding and error nodes
+  get ``activation`` null. ``influence`` is the node's cumulative influence fraction
+  (``prune_graph``'s ``cumulative_scores``, see :func:`adag.graphs.prune.cumulative_influence`).
 - Links are ``{"source": node_id, "target": node_id, "weight": w}`` with the source upstream.
 - The index ``graph-metadata.json`` is ``{"graphs": [metadata, ...]}`` holding each graph's
-  ``metadata`` (``add_graph_metadata``): an existing entry with the same slug is removed and the
-  new one appended.
+  ``metadata`` (``add_graph_metadata``). :func:`write_index` builds it in one step from the graph
+  files of a directory, after all of them are written; :func:`write_viewer` writes only the graph
+  file, so writing many graphs never read-modify-writes the index.
 
 Deviations, each deliberate:
 
@@ -49,20 +40,20 @@ Deviations, each deliberate:
 - Error nodes use the current library's jsNodeId ``L_-1-P`` (older releases wrote ``L_P-0``,
   which could alias a feature node's jsNodeId).
 
-adag additions, ignored by the viewer, make a written graph re-import unchanged (floats are
-written with ``repr``, exact for float64, and cast back to the recorded dtypes): every node gets
-``adag_id``, ``adag_kind``, ``adag_layer``, ``adag_position``, ``adag_index``,
-``adag_activation``, ``attribution``, ``token``, ``input_attr`` (T floats), ``output_attr``
-(K floats); every link ``flow``; ``metadata.adag`` holds ``format_version``, ``dtypes`` (of each
-array field), ``node_ids`` (row order), ``prompt_tokens`` (unprocessed), ``prompt_ids``,
-``target_ids``, ``target_tokens``, ``target_coef``, ``target_logits``, ``target_probs``,
-``metric`` and ``settings``.
+adag additions, ignored by circuit-tracer's viewer and shown by adag's: every node gets
+``adag_id`` (the DESIGN.md id), ``adag_kind``, ``adag_layer`` and ``adag_index`` (the graph's
+integer layer and index: ``-1`` / the token id for embeddings, ``n_layers`` / the token id for
+logits, which circuit-tracer's fields hold only as strings or not at all), ``adag_activation``
+(the graph's activation, also for embeddings, errors and logits, whose ``activation`` is null),
+``attribution``, ``token``, ``input_attr`` (T floats) and ``output_attr`` (K floats); every link
+gets ``flow``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -75,25 +66,16 @@ from adag.errors import AdagError
 from adag.graphs.graph import ARRAY_FIELDS, Graph
 from adag.graphs.prune import cumulative_influence, node_influence
 from adag.io import write_text
+from adag.nodes import circuit_tracer_fields
 
 SCHEMA_VERSION = 1  # circuit-tracer's Metadata.schema_version
-FORMAT_VERSION = 1  # of the metadata.adag block
 INDEX_FILE = "graph-metadata.json"
 _SLUG = re.compile(r"[A-Za-z0-9._-]+")  # fullmatch: "$" would accept a final "\n"
-
-_NOT_ADAG = (
-    "was not written by adag (it has no metadata.adag block); only adag-written viewer files "
-    "can be re-imported"
-)
 
 
 def _process_token(token: str) -> str:
     """circuit-tracer's ``process_token``: make whitespace tokens visible."""
     return token.replace("\n", "⏎").replace("\t", "→").replace("\r", "↵")
-
-
-def _cantor(x: int, y: int) -> int:
-    return (x + y) * (x + y + 1) // 2 + y
 
 
 def check_slug(slug: str) -> str:
@@ -116,32 +98,32 @@ def slugify(text: str, max_len: int = 48) -> str:
     return slug or "graph"
 
 
-def viewer_node_ids(graph: Graph) -> list[str]:
-    """circuit-tracer ``node_id`` of every row (see the list in the module docstring). Raises
-    :class:`AdagError` if two rows map to the same id."""
+def _ct_fields(graph: Graph) -> list[dict[str, Any]]:
+    """:func:`adag.nodes.circuit_tracer_fields` of every row; raises :class:`AdagError` if two
+    rows map to the same ``node_id``."""
     layer = graph.node_layer.tolist()
     pos = graph.node_position.tolist()
     index = graph.node_index.tolist()
-    ids: list[str] = []
-    for row, kind in enumerate(graph.node_kinds):
-        if kind in ("neuron", "feature"):
-            ids.append(f"{layer[row]}_{index[row]}_{pos[row]}")
-        elif kind == "error":
-            ids.append(f"{layer[row]}_-1_{pos[row]}")
-        elif kind == "embed":
-            ids.append(f"E_{index[row]}_{pos[row]}")
-        else:  # logit
-            ids.append(f"{layer[row] + 1}_{index[row]}_{pos[row]}")
-    if len(set(ids)) != len(ids):
-        seen: dict[str, int] = {}
-        for row, nid in enumerate(ids):
-            if nid in seen:
-                raise AdagError(
-                    f"nodes {graph.node_ids[seen[nid]]!r} and {graph.node_ids[row]!r} both export "
-                    f"to circuit-tracer id {nid!r}; keep neurons and features in separate graphs"
-                )
-            seen[nid] = row
-    return ids
+    fields = [
+        circuit_tracer_fields(kind, layer[row], pos[row], index[row])
+        for row, kind in enumerate(graph.node_kinds)
+    ]
+    seen: dict[str, int] = {}
+    for row, f in enumerate(fields):
+        nid = f["node_id"]
+        if nid in seen:
+            raise AdagError(
+                f"nodes {graph.node_ids[seen[nid]]!r} and {graph.node_ids[row]!r} both export "
+                f"to circuit-tracer id {nid!r}; keep neurons and features in separate graphs"
+            )
+        seen[nid] = row
+    return fields
+
+
+def viewer_node_ids(graph: Graph) -> list[str]:
+    """circuit-tracer ``node_id`` of every row (:func:`adag.nodes.circuit_tracer_fields`).
+    Raises :class:`AdagError` if two rows map to the same id."""
+    return [f["node_id"] for f in _ct_fields(graph)]
 
 
 def _check_finite(graph: Graph) -> None:
@@ -154,16 +136,6 @@ def _check_finite(graph: Graph) -> None:
             )
     if not np.isfinite(graph.metric):
         raise AdagError("graph metric is NaN or inf, which JSON cannot store; re-trace the graph")
-
-
-def _settings_copy(settings: dict[str, Any]) -> dict[str, Any]:
-    try:
-        out: dict[str, Any] = json.loads(json.dumps(settings, allow_nan=False))
-    except (TypeError, ValueError) as e:
-        raise AdagError(
-            f"graph settings cannot be written as JSON ({e}); keep settings to plain JSON values"
-        ) from None
-    return out
 
 
 def _scan_fields(scan: str | Sequence[str]) -> tuple[str, list[str]]:
@@ -179,7 +151,17 @@ def _node_threshold(settings: Mapping[str, Any]) -> float | None:
     value = pruning.get("node_threshold") if isinstance(pruning, Mapping) else None
     if value is None:
         value = settings.get("node_threshold")
-    return None if value is None else float(value)
+    if value is None:
+        return None
+    try:
+        threshold = float(value)
+    except (TypeError, ValueError):
+        threshold = math.nan
+    if not math.isfinite(threshold):
+        raise AdagError(
+            f"graph setting node_threshold is {value!r}, not a finite number; JSON cannot store it"
+        )
+    return threshold
 
 
 def to_circuit_tracer(
@@ -209,11 +191,11 @@ def to_circuit_tracer(
         raise AdagError(f"influence has shape {infl.shape}, expected ({n},)")
     if not np.all(np.isfinite(infl)):
         raise AdagError("influence holds NaN or inf, which JSON cannot store")
-    settings = _settings_copy(graph.settings)
     scan_name, transcoders = _scan_fields(
         scan if scan is not None else str(graph.settings.get("model", "adag"))
     )
-    ids = viewer_node_ids(graph)
+    ct = _ct_fields(graph)
+    ids = [f["node_id"] for f in ct]
     labels = labels or {}
 
     probs = graph.target_probs.tolist()
@@ -232,22 +214,14 @@ def to_circuit_tracer(
 
     nodes: list[dict[str, Any]] = []
     for row, kind in enumerate(graph.node_kinds):
-        nid, L, P, idx = ids[row], layer[row], pos[row], index[row]
+        fields = ct[row]
         token_prob, is_target, clerp = 0.0, False, ""
         node_influence_value: float | None = cumulative[row]
         node_activation: float | None = None
         if kind in ("neuron", "feature"):
-            feature, layer_s, ftype = _cantor(L, idx), str(L), "cross layer transcoder"
-            js = f"{L}_{idx}-0"
             node_activation = activation[row]
-        elif kind == "error":
-            feature, layer_s, ftype = -1, str(L), "mlp reconstruction error"
-            js = f"{L}_-1-{P}"
-        elif kind == "embed":
-            feature, layer_s, ftype, js = P, "E", "embedding", f"E_{idx}-{P}"
-        else:  # logit
-            feature, layer_s, ftype, js = idx, str(L + 1), "logit", f"L_{idx}-{P}"
-            target = target_of.get(int(idx))
+        elif kind == "logit":
+            target = target_of.get(int(index[row]))
             if target is not None:
                 token_prob, is_target = float(probs[target]), True
             node_influence_value = None
@@ -255,24 +229,23 @@ def to_circuit_tracer(
         clerp = labels.get(graph.node_ids[row], clerp)
         nodes.append(
             {
-                "node_id": nid,
-                "feature": feature,
-                "layer": layer_s,
-                "ctx_idx": P,
-                "feature_type": ftype,
+                "node_id": fields["node_id"],
+                "feature": fields["feature"],
+                "layer": fields["layer"],
+                "ctx_idx": pos[row],
+                "feature_type": fields["feature_type"],
                 "token_prob": token_prob,
                 "is_target_logit": is_target,
                 "run_idx": 0,
                 "reverse_ctx_idx": 0,
-                "jsNodeId": js,
+                "jsNodeId": fields["jsNodeId"],
                 "clerp": clerp,
                 "influence": node_influence_value,
                 "activation": node_activation,
                 "adag_id": graph.node_ids[row],
                 "adag_kind": kind,
-                "adag_layer": L,
-                "adag_position": P,
-                "adag_index": idx,
+                "adag_layer": layer[row],
+                "adag_index": index[row],
                 "adag_activation": activation[row],
                 "attribution": attribution[row],
                 "token": graph.node_tokens[row],
@@ -312,20 +285,6 @@ def to_circuit_tracer(
         "prompt": graph.prompt,
         "node_threshold": _node_threshold(graph.settings),
         "schema_version": SCHEMA_VERSION,
-        "adag": {
-            "format_version": FORMAT_VERSION,
-            "dtypes": {name: str(getattr(graph, name).dtype) for name in ARRAY_FIELDS},
-            "node_ids": list(graph.node_ids),
-            "prompt_tokens": list(graph.prompt_tokens),
-            "prompt_ids": graph.prompt_ids.tolist(),
-            "target_ids": graph.target_ids.tolist(),
-            "target_tokens": list(graph.target_tokens),
-            "target_coef": graph.target_coef.tolist(),
-            "target_logits": graph.target_logits.tolist(),
-            "target_probs": graph.target_probs.tolist(),
-            "metric": float(graph.metric),
-            "settings": settings,
-        },
     }
     return {
         "metadata": metadata,
@@ -341,104 +300,6 @@ def to_circuit_tracer(
     }
 
 
-def _dtype(name: Any) -> np.dtype[Any]:
-    dt = np.dtype(str(name))
-    if dt.kind not in "biuf":
-        raise AdagError(f"adag viewer JSON records a non-numeric dtype {name!r}; re-export it")
-    return dt
-
-
-def _array(values: Any, dtype: np.dtype[Any], shape: tuple[int, ...]) -> np.ndarray:
-    return np.asarray(values, dtype=dtype).reshape(shape)
-
-
-def _from_block(data: Mapping[str, Any], meta: Mapping[str, Any], block: Any) -> Graph:
-    dtypes = {name: _dtype(block["dtypes"][name]) for name in ARRAY_FIELDS}
-    node_ids = [str(x) for x in block["node_ids"]]
-    n = len(node_ids)
-    by_id: dict[str, Mapping[str, Any]] = {}
-    for node in data["nodes"]:
-        by_id[str(node["adag_id"])] = node
-    missing = [i for i in node_ids if i not in by_id]
-    if missing or len(by_id) != n:
-        raise AdagError(
-            f"adag viewer JSON lists {n} node ids but has {len(by_id)} adag nodes "
-            f"(missing e.g. {missing[:3]}); re-export it"
-        )
-    nodes = [by_id[i] for i in node_ids]
-    row_of = {str(node["node_id"]): row for row, node in enumerate(nodes)}
-    links = data["links"]
-    t, k, e = len(block["prompt_ids"]), len(block["target_ids"]), len(links)
-
-    def column(key: str, name: str) -> np.ndarray:
-        return _array([node[key] for node in nodes], dtypes[name], (n,))
-
-    return Graph(
-        node_ids=node_ids,
-        node_kinds=[str(node["adag_kind"]) for node in nodes],
-        node_layer=column("adag_layer", "node_layer"),
-        node_position=column("adag_position", "node_position"),
-        node_index=column("adag_index", "node_index"),
-        node_activation=column("adag_activation", "node_activation"),
-        node_attribution=column("attribution", "node_attribution"),
-        node_tokens=[str(node["token"]) for node in nodes],
-        edge_source=_array([row_of[link["source"]] for link in links], dtypes["edge_source"], (e,)),
-        edge_target=_array([row_of[link["target"]] for link in links], dtypes["edge_target"], (e,)),
-        edge_weight=_array([link["weight"] for link in links], dtypes["edge_weight"], (e,)),
-        edge_flow=_array([link["flow"] for link in links], dtypes["edge_flow"], (e,)),
-        input_attr=_array([node["input_attr"] for node in nodes], dtypes["input_attr"], (n, t)),
-        output_attr=_array([node["output_attr"] for node in nodes], dtypes["output_attr"], (n, k)),
-        target_ids=_array(block["target_ids"], dtypes["target_ids"], (k,)),
-        target_tokens=[str(x) for x in block["target_tokens"]],
-        target_coef=_array(block["target_coef"], dtypes["target_coef"], (k,)),
-        target_logits=_array(block["target_logits"], dtypes["target_logits"], (k,)),
-        target_probs=_array(block["target_probs"], dtypes["target_probs"], (k,)),
-        prompt_ids=_array(block["prompt_ids"], dtypes["prompt_ids"], (t,)),
-        prompt_tokens=[str(x) for x in block["prompt_tokens"]],
-        prompt=str(meta["prompt"]),
-        metric=float(block["metric"]),
-        settings=dict(block["settings"]),
-    )
-
-
-def from_circuit_tracer(data: Mapping[str, Any]) -> Graph:
-    """The exact inverse of :func:`to_circuit_tracer` for files adag wrote: the same rows, edges,
-    values and dtypes. Raises :class:`AdagError` for other files or malformed ones."""
-    meta = data.get("metadata") if isinstance(data, Mapping) else None
-    if not isinstance(meta, Mapping) or not isinstance(meta.get("adag"), Mapping):
-        raise AdagError(f"this viewer JSON {_NOT_ADAG}")
-    block = meta["adag"]
-    if block.get("format_version") != FORMAT_VERSION:
-        raise AdagError(
-            f"adag viewer JSON has format_version {block.get('format_version')!r}; this adag "
-            f"reads version {FORMAT_VERSION}"
-        )
-    try:
-        return _from_block(data, meta, block)
-    except AdagError:
-        raise
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
-        raise AdagError(
-            f"malformed adag viewer JSON ({type(e).__name__}: {e}); re-export the graph with "
-            "adag.graphs.export.write_viewer"
-        ) from None
-
-
-def _read_index(path: Path) -> dict[str, Any]:
-    if not path.exists():
-        return {"graphs": []}
-    try:
-        index = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdagError(f"{path} is not valid JSON ({e}); delete it to start a new index") from None
-    if not isinstance(index, dict) or not isinstance(index.get("graphs"), list):
-        raise AdagError(
-            f"{path} is not a circuit-tracer graph index ({{'graphs': [...]}}); delete it to "
-            "start a new index"
-        )
-    return index
-
-
 def write_viewer(
     graph: Graph,
     directory: str | os.PathLike[str],
@@ -450,10 +311,9 @@ def write_viewer(
     pinned_ids: Sequence[str] = (),
     labels: Mapping[str, str] | None = None,
 ) -> Path:
-    """Write ``directory/<slug>.json`` (compact JSON of :func:`to_circuit_tracer`) and add or
-    replace this slug's entry in ``directory/graph-metadata.json``, the index circuit-tracer's
-    local server reads (``{"graphs": [metadata, ...]}``). Both files are written atomically;
-    nothing is written if the export fails. Returns the graph file's path."""
+    """Write ``directory/<slug>.json``, the compact JSON of :func:`to_circuit_tracer`, atomically
+    (nothing is written if the export fails), and return its path. The index is not touched: call
+    :func:`write_index` once after writing every graph of the directory."""
     data = to_circuit_tracer(
         graph,
         slug=slug,
@@ -464,42 +324,59 @@ def write_viewer(
         labels=labels,
     )
     text = json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    root = Path(directory)
-    index_path = root / INDEX_FILE
-    index = _read_index(index_path)
-    path = write_text(root / f"{slug}.json", text)
-    entry = {key: value for key, value in data["metadata"].items() if key != "adag"}
-    graphs = [g for g in index["graphs"] if not (isinstance(g, dict) and g.get("slug") == slug)]
-    index["graphs"] = [*graphs, entry]
-    write_text(index_path, json.dumps(index, indent=2, ensure_ascii=False))
-    return path
+    return write_text(Path(directory) / f"{slug}.json", text)
 
 
-def read_viewer(path: str | os.PathLike[str]) -> Graph:
-    """Read a graph file written by :func:`write_viewer`."""
-    p = Path(path)
-    if not p.is_file():
-        raise AdagError(f"viewer file {p} does not exist; write one with write_viewer")
+def _graph_metadata(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(p.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise AdagError(f"viewer graph {path} does not exist; write it with write_viewer") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdagError(f"{p} is not valid JSON ({e}); re-export it with write_viewer") from None
-    if not isinstance(data, dict) or not isinstance(data.get("metadata"), dict):
-        raise AdagError(f"{p} {_NOT_ADAG}")
-    if "adag" not in data["metadata"]:
-        raise AdagError(f"{p} {_NOT_ADAG}")
-    return from_circuit_tracer(data)
+        raise AdagError(
+            f"{path} is not valid JSON ({e}); write it again with write_viewer"
+        ) from None
+    meta = data.get("metadata") if isinstance(data, dict) else None
+    if not isinstance(meta, dict):
+        raise AdagError(
+            f"{path} is not a circuit-tracer graph file (no metadata object); move it out of the "
+            "viewer directory or write it again with write_viewer"
+        )
+    return meta
+
+
+def write_index(directory: str | os.PathLike[str], slugs: Sequence[str] | None = None) -> Path:
+    """Write ``directory/graph-metadata.json``, the index circuit-tracer's local server reads
+    (``{"graphs": [metadata, ...]}``), in one atomic step from the ``metadata`` of the graph
+    files ``directory/<slug>.json`` of ``slugs`` (in that order), or of every ``*.json`` file
+    of the directory but the index (sorted by name). Returns the index's path. Raises
+    :class:`AdagError` for a missing, unreadable or non-graph file, and writes nothing then."""
+    root = Path(directory)
+    if slugs is None:
+        if not root.is_dir():
+            raise AdagError(
+                f"viewer directory {root} does not exist; write graphs with write_viewer"
+            )
+        paths = sorted(
+            p
+            for p in root.glob("*.json")
+            if p.name != INDEX_FILE and not p.name.startswith(".") and p.is_file()
+        )
+    else:
+        if isinstance(slugs, str):
+            slugs = [slugs]
+        paths = [root / f"{check_slug(slug)}.json" for slug in dict.fromkeys(slugs)]
+    index = {"graphs": [_graph_metadata(p) for p in paths]}
+    return write_text(root / INDEX_FILE, json.dumps(index, indent=2, ensure_ascii=False))
 
 
 __all__ = [
-    "FORMAT_VERSION",
     "INDEX_FILE",
     "SCHEMA_VERSION",
     "check_slug",
-    "from_circuit_tracer",
-    "read_viewer",
     "slugify",
     "to_circuit_tracer",
     "viewer_node_ids",
+    "write_index",
     "write_viewer",
 ]

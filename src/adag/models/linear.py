@@ -90,13 +90,14 @@ class Linearization(Session):
         rule = self.mlp_rules[layer]
         if rule == "stop":
             return post.detach()
-        ratio = act_ratio(self.act, g).detach()
-        if u is None or not self.gated:
-            return _swap_grad(post, ratio * g)
-        gate = (ratio * g).detach()
-        if rule == "frozen_gate":
-            return _swap_grad(post, gate * u)
-        return _swap_grad(post, 0.5 * (ratio * g) * u.detach() + 0.5 * gate * u)
+        # The surrogate is linear in (g, u) with the rule's partials as constant coefficients, so
+        # its gradient is exactly (pg, pu): the rule is written once, in post_partials.
+        pg, pu = post_partials(
+            rule, self.act, self.gated, g.detach(), None if u is None else u.detach()
+        )
+        if pu is None or u is None:
+            return _swap_grad(post, pg * g)
+        return _swap_grad(post, pg * g + pu * u)
 
     def logits(self, z: Tensor) -> Tensor:
         c = self.final_softcap
@@ -118,10 +119,11 @@ def post_partials(
 ) -> tuple[Tensor, Tensor | None]:
     """The linearised neuron's partial derivatives ``(d post/d g, d post/d u)`` under ``rule``,
     elementwise at the values ``g`` (gate / input pre-activation) and ``u`` (up projection; None
-    for non-gated MLPs). Exactly what :meth:`Linearization.mlp_post` differentiates, in closed
-    form: seeding a backward pass at ``g`` and ``u`` with these values is the same as seeding it
-    at ``post`` with 1, without needing the MLP's own rule to be active (graph edges stop every
-    MLP but the target's, several target layers per pass)."""
+    for non-gated MLPs). The one statement of the rules: :meth:`Linearization.mlp_post` builds
+    its surrogate ``pg * g + pu * u`` from them, so seeding a backward pass at ``g`` and ``u``
+    with these values is the same as seeding it at ``post`` with 1, without needing the MLP's own
+    rule to be active (graph edges stop every MLP but the target's, several target layers per
+    pass)."""
     if rule == "stop":
         return torch.zeros_like(g), None if u is None else torch.zeros_like(u)
     ratio = act_ratio(act, g)
@@ -176,7 +178,10 @@ def replica_sites(model: Model) -> list[str]:
 
 @contextmanager
 def linear_replica(
-    model: Model, clean: Mapping[str, Tensor], *, mlp: str = "relp"
+    model: Model,
+    clean: Mapping[str, Tensor],
+    *,
+    mlp: str | Sequence[str] | Mapping[int, str] = "relp",
 ) -> Iterator[Replica]:
     """Run the model as the *affine map* that the linearised backward differentiates: every norm
     scale and attention pattern replaced by its value in a clean batch-1 forward pass (``clean``,
@@ -200,11 +205,8 @@ def linear_replica(
         },
         partials=partials,
     )
-    model._dispatch.push(rep)
-    try:
+    with model.session(rep):
         yield rep
-    finally:
-        model._dispatch.pop(rep)
 
 
 def resolve_mlp_rules(mlp: str | Sequence[str] | Mapping[int, str], n_layers: int) -> list[str]:
@@ -251,11 +253,8 @@ def linearize(
         norms=norms,
         attention=attention,
     )
-    model._dispatch.push(lin)
-    try:
+    with model.session(lin):
         yield lin
-    finally:
-        model._dispatch.pop(lin)
 
 
 __all__ = [

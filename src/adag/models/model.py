@@ -3,7 +3,8 @@ installed."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,8 +12,19 @@ import torch
 from torch import Tensor
 
 from adag.errors import AdagError
+from adag.models.attention import attention_scores
 from adag.models.linear import linearize
-from adag.models.sites import Patch, SiteRun, get_module, install, layer_modules, site_names
+from adag.models.ops import work_dtype
+from adag.models.sites import (
+    Patch,
+    Session,
+    SiteRun,
+    get_module,
+    install,
+    layer_modules,
+    register_site_axes,
+    site_names,
+)
 from adag.models.specs import ACTIVATIONS, SPECS, ActKind, ArchSpec, supported
 
 
@@ -72,6 +84,9 @@ class Model:
         self.final_softcap: float | None = (
             getattr(config, spec.final_softcap_key, None) if spec.final_softcap_key else None
         )
+        self.attn_softcap: float | None = (
+            getattr(config, spec.attn_softcap_key, None) if spec.attn_softcap_key else None
+        )
         self._dispatch = install(hf, spec, act)
         self._site_names = site_names(spec, self.n_layers)
         self._site_set = frozenset(self._site_names)
@@ -93,7 +108,8 @@ class Model:
 
     # -- tokens ------------------------------------------------------------------------------
 
-    def _tok(self) -> Any:
+    def tok(self) -> Any:
+        """The tokenizer; a one-line error if the model has none."""
         if self.tokenizer is None:
             raise AdagError(f"model {self.name!r} has no tokenizer; pass token ids instead of text")
         return self.tokenizer
@@ -101,7 +117,7 @@ class Model:
     def to_tokens(self, text: str | Sequence[str]) -> Tensor:
         """Token ids ``batch pos`` (with the tokenizer's own BOS convention). A list of prompts must
         tokenize to equal lengths."""
-        tok = self._tok()
+        tok = self.tok()
         texts = [text] if isinstance(text, str) else list(text)
         if not texts:
             raise AdagError("no prompts given")
@@ -120,7 +136,7 @@ class Model:
 
     def to_str_tokens(self, text: str | Tensor | Sequence[int]) -> list[str]:
         """The tokens of one prompt (or one row of ids) as strings."""
-        tok = self._tok()
+        tok = self.tok()
         if isinstance(text, str):
             ids = self.to_tokens(text)[0].tolist()
         else:
@@ -130,14 +146,16 @@ class Model:
     @property
     def prepends_bos(self) -> bool:
         """Whether the tokenizer puts a BOS token before every prompt."""
-        tok = self._tok()
+        tok = self.tok()
         bos = tok.bos_token_id
         ids = tok("a", add_special_tokens=True)["input_ids"]
         return bos is not None and len(ids) > 0 and ids[0] == bos
 
     # -- running -----------------------------------------------------------------------------
 
-    def _check_tokens(self, tokens: Tensor) -> Tensor:
+    def check_tokens(self, tokens: Tensor) -> Tensor:
+        """``tokens`` as a non-empty ``batch pos`` tensor on the model's device (a 1-d row gets a
+        batch axis); a one-line error if it is empty or longer than the model's context."""
         if tokens.dim() == 1:
             tokens = tokens[None]
         if tokens.dim() != 2 or tokens.shape[1] == 0:
@@ -157,7 +175,7 @@ class Model:
         unembedding of every other position."""
         if not isinstance(tokens, Tensor):
             tokens = self.to_tokens(tokens)
-        tokens = self._check_tokens(tokens)
+        tokens = self.check_tokens(tokens)
         if last_only:
             return self.hf(input_ids=tokens, use_cache=False, logits_to_keep=1).logits
         out = self.hf(input_ids=tokens, use_cache=False)
@@ -185,6 +203,26 @@ class Model:
         root = self.hf if layer is None else layer_modules(self.hf, self.spec)[layer]
         return get_module(root, path)
 
+    def attention_scores(self, layer: int, q: Tensor, k: Tensor, masked: Tensor) -> Tensor:
+        """Attention scores ``head q_pos k_pos`` of ``layer`` from queries ``head q_pos d_head`` and
+        keys ``kv_head k_pos d_head`` (one batch row of the ``hook_q`` / ``hook_k`` sites; a
+        leading batch axis is kept if given), with the entries where ``masked`` is True at -inf.
+
+        The scores are the forward's own (:func:`adag.models.attention.attention_scores` with
+        this layer's scaling and softcap, in the model's dtype), so they equal the
+        ``hook_attn_scores`` site wherever it is unmasked; they are returned in
+        ``work_dtype`` (float32 for half models) so that a softmax over them runs in the dtype
+        of the model's own softmax."""
+        attn = self.submodule(self.spec.attn, layer)
+        scaling = getattr(attn, "scaling", None)
+        if scaling is None:
+            scaling = q.shape[-1] ** -0.5
+        batched = q.dim() == 4
+        qb, kb = (q, k) if batched else (q[None], k[None])
+        s = attention_scores(qb, kb, scaling=scaling, softcap=self.attn_softcap)
+        s = s if batched else s[0]  # (H, T, S)
+        return s.to(work_dtype(s.dtype)).masked_fill(masked, float("-inf"))
+
     # -- sites -------------------------------------------------------------------------------
 
     def site_names(self) -> list[str]:
@@ -193,6 +231,35 @@ class Model:
 
     def site_name_set(self) -> frozenset[str]:
         return self._site_set
+
+    def register_site(self, name: str, axes: Sequence[str]) -> None:
+        """Add a site published at run time by code that runs inside the forward pass (a
+        transcoder splice publishing its feature activations): that code calls
+        :meth:`publish`, and :class:`~adag.models.sites.SiteRun` can then read, patch and
+        differentiate the site like a built-in one. ``axes`` name its dimensions, starting with
+        ``batch`` (e.g. ``("batch", "pos", "d_feature")``)."""
+        register_site_axes(name, axes)
+        if name not in self._site_set:
+            self._site_names.append(name)
+            self._site_set = frozenset(self._site_names)
+
+    @contextmanager
+    def session(self, session: Session) -> Iterator[Session]:
+        """Make ``session`` react to this model's hook points while the block runs (after the
+        sessions already active): how a splice (code that changes the forward pass, e.g. a
+        transcoder replacing the MLPs) joins the model."""
+        self._dispatch.push(session)
+        try:
+            yield session
+        finally:
+            self._dispatch.pop(session)
+
+    def publish(self, name: str, x: Tensor) -> Tensor:
+        """Hand the value of a registered run-time site to the active sessions (reads, patches,
+        gradients) and return the value the model must go on with."""
+        if name not in self._site_set:
+            raise AdagError(f"site {name!r} is not registered; call Model.register_site first")
+        return self._dispatch.site(name, x) if self._dispatch.sessions else x
 
     def sites(
         self, *, read: Iterable[str] = (), patches: Iterable[Patch] = (), grad: Iterable[str] = ()

@@ -55,6 +55,7 @@ import torch
 from torch import Tensor
 
 from adag.errors import AdagError
+from adag.models.attention import attention_scores, repeat_kv
 from adag.models.ops import norm_apply, norm_eps, norm_scale, work_dtype
 from adag.models.specs import ArchSpec, NormKind
 
@@ -93,8 +94,26 @@ SITE_AXES: dict[str, tuple[str, ...]] = {
 _SITE_RE = re.compile(r"^(?:blocks\.(\d+)\.)?(?:(ln1|ln2|ln1_post|ln2_post|ln_final)\.)?(.+)$")
 
 
+_RUNTIME_AXES: dict[str, tuple[str, ...]] = {}
+"""Axes of sites registered at run time (:meth:`adag.models.model.Model.register_site`), by full
+name: e.g. a transcoder splice publishing its feature activations."""
+
+
+def register_site_axes(name: str, axes: Sequence[str]) -> None:
+    """Declare the axes of a site published at run time (the last axis is ``index``'s)."""
+    axes = tuple(axes)
+    if not axes or axes[0] != "batch":
+        raise AdagError(f"site {name!r}: axes must start with 'batch', got {axes}")
+    known = _RUNTIME_AXES.get(name)
+    if known is not None and known != axes:
+        raise AdagError(f"site {name!r} is already registered with axes {known}, not {axes}")
+    _RUNTIME_AXES[name] = axes
+
+
 def site_axes(name: str) -> tuple[str, ...]:
     """The named axes of a site, e.g. ``("batch", "pos", "d_model")``."""
+    if name in _RUNTIME_AXES:
+        return _RUNTIME_AXES[name]
     m = _SITE_RE.match(name)
     suffix = m.group(3) if m else name
     if suffix not in SITE_AXES:
@@ -587,15 +606,6 @@ def site_names(spec: ArchSpec, n_layers: int) -> list[str]:
 # Attention.
 
 
-def _repeat_kv(x: Tensor, n_rep: int) -> Tensor:
-    """(batch, kv_head, pos, d) -> (batch, kv_head * n_rep, pos, d); query head h reads kv head
-    h // n_rep."""
-    if n_rep == 1:
-        return x
-    b, kv, t, dh = x.shape
-    return x[:, :, None].expand(b, kv, n_rep, t, dh).reshape(b, kv * n_rep, t, dh)
-
-
 def adag_attention(
     module: torch.nn.Module,
     query: Tensor,
@@ -609,8 +619,9 @@ def adag_attention(
 ) -> tuple[Tensor, Tensor]:
     """Eager attention with hook points, registered with transformers as ``"adag"``.
 
-    The same operations in the same order as transformers' eager attention (so float32 and bf16
-    outputs are bit-identical to ``attn_implementation="eager"``), except that the softmax runs in
+    The same operations in the same order as transformers' eager attention (the scores by
+    :func:`adag.models.attention.attention_scores`; float32 and bf16 outputs are bit-identical to
+    ``attn_implementation="eager"``), except that the softmax runs in
     ``promote(dtype, float32)``: eager forces float32 even for float64 models. The causal or
     sliding-window mask arrives in ``attention_mask`` (see :func:`register_attention`).
     """
@@ -625,16 +636,9 @@ def adag_attention(
         query = d.site(pre + "hook_q", query)
         key = d.site(pre + "hook_k", key)
         value = d.site(pre + "hook_v", value)
-    n_rep = query.shape[1] // key.shape[1]
-    k = _repeat_kv(key, n_rep)
-    v = _repeat_kv(value, n_rep)
-    scores = torch.matmul(query, k.transpose(2, 3)) * scaling  # (B, H, T, S)
-    if softcap is not None:
-        scores = scores / softcap
-        scores = torch.tanh(scores)
-        scores = scores * softcap
-    if attention_mask is not None:
-        scores = scores + attention_mask
+    v = repeat_kv(value, query.shape[1] // value.shape[1])
+    # (B, H, T, S)
+    scores = attention_scores(query, key, scaling=scaling, softcap=softcap, mask=attention_mask)
     if active:
         assert d is not None
         scores = d.site(pre + "hook_attn_scores", scores)

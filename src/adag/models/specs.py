@@ -138,7 +138,9 @@ SPECS: dict[str, ArchSpec] = {
         ArchSpec(
             "gemma3_text",
             "Gemma 3 (text)",
-            attn_softcap_key="attn_logit_softcapping",
+            # Gemma 3's config has attn_logit_softcapping but its attention never applies it
+            # (transformers 5.x passes no softcap), so neither do we.
+            attn_softcap_key=None,
             final_softcap_key="final_logit_softcapping",
             qk_norm=True,
             **_GEMMA_LIKE,  # type: ignore[arg-type]

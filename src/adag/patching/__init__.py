@@ -4,7 +4,7 @@ false-negative bound, the baselines and the cost-versus-recall evaluation."""
 from __future__ import annotations
 
 from adag.patching.atp import atp, atp_star
-from adag.patching.nodes import NODE_SETS, Group, NodeSet, node_set
+from adag.patching.node_sets import NODE_SETS, Group, NodeSet, node_set
 from adag.patching.patch import PatchingOracle, exhaustive
 from adag.patching.scores import NodeScores
 

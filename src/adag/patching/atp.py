@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from adag.models.sites import Patch
-from adag.patching.nodes import Group, NodeSet, node_set
+from adag.patching.node_sets import Group, NodeSet, node_set
 from adag.patching.oracle import BACKWARD_COST
 from adag.patching.patch import tokenized
 from adag.patching.scores import NodeScores, merge_pairs
@@ -38,20 +38,6 @@ if TYPE_CHECKING:
 
 # ----------------------------------------------------------------------------------------------
 # The QK fix.
-
-
-def attention_scores(model: Model, layer: int, q: Tensor, k: Tensor, masked: Tensor) -> Tensor:
-    """Scores ``head q_pos k_pos`` from queries ``head pos d_head`` and keys ``kv_head pos d_head``
-    exactly as the model computes them (scale, softcap), with masked entries at -inf."""
-    attn = model.submodule(model.spec.attn, layer)
-    scaling = getattr(attn, "scaling", None) or q.shape[-1] ** -0.5
-    n_rep = q.shape[0] // k.shape[0]
-    k = k.repeat_interleave(n_rep, dim=0)
-    s = torch.matmul(q, k.transpose(-1, -2)) * scaling
-    cap = getattr(model.hf.config, model.spec.attn_softcap_key or "", None)
-    if cap:
-        s = torch.tanh(s / cap) * cap
-    return s.masked_fill(masked, float("-inf"))
 
 
 def _excl_prefix(x: Tensor) -> Tensor:
@@ -174,7 +160,8 @@ def _pair_estimates(
         m = metric(logits, tp)[0]
     clean = run.cache
 
-    # QK-fix precomputation (independent of which gradient is used)
+    # QK-fix precomputation (independent of which gradient is used). The scores come back in the
+    # work dtype (float32 for half models), so every softmax of the fix runs there, as the model's.
     qk_pre: dict[int, dict[str, Tensor]] = {}
     for layer in qk_layers:
         p = f"blocks.{layer}.attn."
@@ -184,9 +171,9 @@ def _pair_estimates(
         q_n, k_n = noise[p + "hook_q"][0], noise[p + "hook_k"][0]
         qk_pre[layer] = {
             "masked": masked,
-            "s": attention_scores(model, layer, q_c, k_c, masked),
-            "s_q": attention_scores(model, layer, q_n, k_c, masked),
-            "s_k": attention_scores(model, layer, q_c, k_n, masked),
+            "s": model.attention_scores(layer, q_c, k_c, masked),
+            "s_q": model.attention_scores(layer, q_n, k_c, masked),
+            "s_k": model.attention_scores(layer, q_c, k_n, masked),
         }
 
     def estimate(grads: dict[str, Tensor], fix: bool) -> np.ndarray:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from adag.errors import AdagError
 from adag.patching.oracle import Oracle
 
 __all__ = [
@@ -67,14 +68,14 @@ class MethodResult:
     def __post_init__(self) -> None:
         order = np.asarray(self.order)
         if order.ndim != 1 or not np.array_equal(np.sort(order), np.arange(order.size)):
-            raise ValueError(f"{self.name}: order must be a permutation of 0..n_node-1")
+            raise AdagError(f"{self.name}: order must be a permutation of 0..n_node-1")
         object.__setattr__(self, "order", order.astype(np.int64, copy=False))
         if self.scores is not None and np.shape(self.scores) != order.shape:
-            raise ValueError(f"{self.name}: scores must have shape {order.shape}")
+            raise AdagError(f"{self.name}: scores must have shape {order.shape}")
         if self.cum_cost is not None:
             cum = np.asarray(self.cum_cost, dtype=np.float64)
             if cum.shape != order.shape or np.any(np.diff(cum) < 0):
-                raise ValueError(
+                raise AdagError(
                     f"{self.name}: cum_cost must be non-decreasing, shape {order.shape}"
                 )
             object.__setattr__(self, "cum_cost", cum)
@@ -95,6 +96,8 @@ def estimator(name: str, scores: np.ndarray, cost: float) -> MethodResult:
     """Wrap an estimator's per-node scores (AtP, AtP*, …; signed or magnitudes) that cost ``cost``
     forward passes into a :class:`MethodResult` ranked by ``|scores|``."""
     scores = np.asarray(scores, dtype=np.float64)
+    if scores.ndim != 1:
+        raise AdagError(f"{name}: scores must be one value per node, got shape {scores.shape}")
     return MethodResult(name, rank_by_magnitude(scores), float(cost), scores)
 
 
@@ -142,9 +145,9 @@ def subset_sample(
     """
     nodes = np.asarray(nodes, dtype=np.int64)
     if n_subsets < 1:
-        raise ValueError("n_subsets must be >= 1")
+        raise AdagError(f"n_subsets must be at least 1, got {n_subsets}")
     if not 0.0 < prob < 1.0:
-        raise ValueError("prob must be in (0, 1)")
+        raise AdagError(f"the subset probability must be in (0, 1), got {prob}")
     m = nodes.size
     cost0 = oracle.cost
     sum_in = np.zeros(m)
@@ -212,7 +215,7 @@ def _sequence(n: int, order: np.ndarray | None, seed: int | None) -> np.ndarray:
     if order is not None:
         seq = np.asarray(order, dtype=np.int64)
         if not np.array_equal(np.sort(seq), np.arange(n)):
-            raise ValueError("order must be a permutation of 0..n_node-1")
+            raise AdagError(f"order must be a permutation of 0..{n - 1}")
         return seq
     if seed is not None:
         return np.random.default_rng(seed).permutation(n)
@@ -232,7 +235,7 @@ def blocks(
     inside a block). ``scores[i]`` is the effect of node ``i``'s block. Blocks whose members cancel
     out rank low: the method's known false-negative mode."""
     if block_size < 1:
-        raise ValueError("block_size must be >= 1")
+        raise AdagError(f"block_size must be at least 1, got {block_size}")
     seq = _sequence(oracle.n_nodes, order, seed)
     groups = [seq[i : i + block_size] for i in range(0, seq.size, block_size)]
     cost0 = oracle.cost
@@ -271,7 +274,7 @@ def hierarchical(
     the effect of the smallest group containing ``i`` that was patched.
     """
     if branching < 2:
-        raise ValueError("branching must be >= 2")
+        raise AdagError(f"branching must be at least 2, got {branching}")
     n = oracle.n_nodes
     seq = _sequence(n, order, seed)
     cost0 = oracle.cost

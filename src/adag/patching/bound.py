@@ -55,6 +55,7 @@ from typing import Any
 
 import numpy as np
 
+from adag.errors import AdagError
 from adag.patching.baselines import subset_sample
 from adag.patching.oracle import Oracle
 
@@ -89,7 +90,7 @@ def t_quantile(q: float, df: np.ndarray | float) -> np.ndarray:
     from scipy.stats import t as student_t
 
     if not 0.5 <= q < 1.0:
-        raise ValueError("q must be in [0.5, 1)")
+        raise AdagError(f"the quantile q must be in [0.5, 1), got {q}")
     nu = np.asarray(df, dtype=np.float64)
     bad = np.isnan(nu) | (nu < 1)
     out = student_t.ppf(q, np.where(bad, 1.0, nu))
@@ -110,11 +111,11 @@ def false_negative_bound(
     Spends about ``n_subsets * n_pairs`` forward passes (empty subsets are free). See the module
     docstring for the procedure and its assumptions."""
     if not 0.0 < alpha < 0.5:
-        raise ValueError("alpha must be in (0, 0.5)")
+        raise AdagError(f"alpha must be in (0, 0.5), got {alpha}")
     n = oracle.n_nodes
     verified = np.unique(np.asarray(verified, dtype=np.int64))
     if verified.size and (verified[0] < 0 or verified[-1] >= n):
-        raise ValueError(f"verified node ids must be in 0..{n - 1}")
+        raise AdagError(f"verified node ids must be in 0..{n - 1}")
     rest = np.setdiff1d(np.arange(n), verified, assume_unique=True)
     if rest.size == 0:
         return BoundResult(int(verified.size), 0.0, alpha, 0, 0.0, subset_prob)
@@ -143,4 +144,7 @@ def bound_curve(
     go to :func:`false_negative_bound`; every K uses the same ``seed``. Each bound is a separate
     1 − α statement (no simultaneous coverage over K is claimed)."""
     ranking = np.asarray(ranking, dtype=np.int64)
+    bad = [k for k in ks if not 0 <= int(k) <= ranking.size]
+    if bad:
+        raise AdagError(f"K must be in 0..{ranking.size} (the ranking's length), got {bad[0]}")
     return [false_negative_bound(oracle, ranking[: int(k)], **kw) for k in ks]

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from adag.errors import AdagError
 from adag.io import save_figure, write_parquet
 from adag.patching.baselines import MethodResult, rank_by_magnitude
 
@@ -37,7 +38,7 @@ __all__ = [
 def _xs(xs: Sequence[int] | np.ndarray | None, n: int) -> np.ndarray:
     out = np.arange(1, n + 1) if xs is None else np.asarray(xs, dtype=np.int64)
     if out.ndim != 1 or (out.size and (out.min() < 1 or out.max() > n)):
-        raise ValueError(f"xs must be integers in 1..{n}")
+        raise AdagError(f"xs must be integers in 1..{n}")
     return out
 
 
@@ -48,10 +49,20 @@ def _positions(order: np.ndarray) -> np.ndarray:
     return pos
 
 
-def _order_of(result_or_scores: MethodResult | np.ndarray) -> np.ndarray:
+def _order_of(result_or_scores: MethodResult | np.ndarray, n: int) -> np.ndarray:
+    """The ranking of a method (or of raw scores by ``|score|``) over ``n`` nodes."""
     if isinstance(result_or_scores, MethodResult):
-        return result_or_scores.order
-    return rank_by_magnitude(np.asarray(result_or_scores))
+        order = result_or_scores.order
+    else:
+        order = rank_by_magnitude(np.asarray(result_or_scores))
+    if order.shape != (n,):
+        raise AdagError(f"the method ranks {order.size} nodes but the true effects have {n}")
+    return order
+
+
+def _check_top(top_true: int, n: int) -> None:
+    if not 0 <= top_true <= n:
+        raise AdagError(f"top_true must be in 0..{n} (the number of nodes), got {top_true}")
 
 
 def cost_to_find(
@@ -67,7 +78,9 @@ def cost_to_find(
     true_effects = np.asarray(true_effects, dtype=np.float64)
     n = true_effects.size
     if result.n_nodes != n:
-        raise ValueError(f"{result.name}: ranks {result.n_nodes} nodes, true effects have {n}")
+        raise AdagError(f"{result.name}: ranks {result.n_nodes} nodes, true effects have {n}")
+    if n_pairs < 1:
+        raise AdagError(f"n_pairs must be at least 1, got {n_pairs}")
     xs = _xs(xs, n)
     pos = _positions(result.order)[rank_by_magnitude(true_effects)]  # by true rank
     last = np.maximum.accumulate(pos)[xs - 1]  # position of the last of the true top-x
@@ -85,8 +98,12 @@ def recall_at(
 ) -> float:
     """Fraction of the true top-``top_true`` nodes (by ``|effect|``) that a method (a
     :class:`MethodResult` or raw scores, ranked by ``|score|``) puts in its top ``within``."""
-    order = _order_of(result_or_scores)
-    true_top = rank_by_magnitude(np.asarray(true_effects))[:top_true]
+    true_effects = np.asarray(true_effects)
+    order = _order_of(result_or_scores, true_effects.size)
+    _check_top(top_true, true_effects.size)
+    if within < 0:
+        raise AdagError(f"within must be at least 0, got {within}")
+    true_top = rank_by_magnitude(true_effects)[:top_true]
     if true_top.size == 0:
         return 1.0
     return float(np.isin(true_top, order[:within]).mean())
@@ -97,8 +114,10 @@ def rank_of_true_top(
 ) -> np.ndarray:
     """The estimator's rank (0 = first) of each true top-``top_true`` node, listed in true-rank
     order. ``scores`` are ranked by ``|score|`` (or pass a :class:`MethodResult`)."""
-    pos = _positions(_order_of(scores))
-    return pos[rank_by_magnitude(np.asarray(true_effects))[:top_true]]
+    true_effects = np.asarray(true_effects)
+    pos = _positions(_order_of(scores, true_effects.size))
+    _check_top(top_true, true_effects.size)
+    return pos[rank_by_magnitude(true_effects)[:top_true]]
 
 
 def curves(
@@ -112,7 +131,7 @@ def curves(
     out: dict[str, np.ndarray] = {}
     for r in results:
         if r.name in out:
-            raise ValueError(f"duplicate method name {r.name!r}")
+            raise AdagError(f"duplicate method name {r.name!r}")
         out[r.name] = cost_to_find(r, true_effects, xs, n_pairs=n_pairs)
     return out
 
@@ -157,7 +176,7 @@ def curves_table(curves: Mapping[str, np.ndarray], xs: Sequence[int] | np.ndarra
     for name, ys in curves.items():
         ys = np.asarray(ys, dtype=np.float64)
         if ys.shape != xs.shape:
-            raise ValueError(f"curve {name!r} has shape {ys.shape}, xs {xs.shape}")
+            raise AdagError(f"curve {name!r} has shape {ys.shape}, xs {xs.shape}")
         names += [name] * xs.size
         cols_x.append(xs)
         cols_c.append(ys)

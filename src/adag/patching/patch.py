@@ -19,7 +19,7 @@ from torch import Tensor
 
 from adag.errors import AdagError
 from adag.models.sites import Patch
-from adag.patching.nodes import Group, NodeSet, node_set
+from adag.patching.node_sets import Group, NodeSet, node_set
 from adag.patching.scores import NodeScores, merge_pairs
 
 if TYPE_CHECKING:

@@ -1,5 +1,6 @@
 """Nodes for localisation: attention heads (q, k, v, z), MLP neurons and whole sublayers, each per
-position or summed over positions, with the ids of DESIGN.md.
+position or summed over positions, with the ids of DESIGN.md (written by
+:func:`adag.nodes.format`).
 
 A :class:`NodeSet` is built for one prompt length ``T``: it is a list of :class:`Group` s (one site
 of one layer, e.g. all z heads of layer 3 at every position), and numbers the nodes of all groups
@@ -27,6 +28,7 @@ from torch import Tensor
 
 from adag.errors import AdagError
 from adag.models.sites import Patch
+from adag.nodes import format as format_id
 
 if TYPE_CHECKING:
     from adag.models.model import Model
@@ -65,20 +67,21 @@ class Group:
         return int(np.prod(self.shape))
 
     def ids(self) -> list[str]:
-        lay = self.layer
-        if self.kind == "head":
+        """The ids of this group's nodes, in the row-major order of ``shape``."""
+        kind, lay, sub = self.kind, self.layer, self.sub
+        if kind == "head":
             if self.per_pos:
                 n_h, t = self.shape
-                return [f"head:{lay}:{p}:{h}:{self.sub}" for h in range(n_h) for p in range(t)]
-            return [f"head:{lay}:*:{h}:{self.sub}" for h in range(self.shape[0])]
-        if self.kind == "neuron":
+                return [format_id(kind, lay, p, h, sub) for h in range(n_h) for p in range(t)]
+            return [format_id(kind, lay, None, h, sub) for h in range(self.shape[0])]
+        if kind == "neuron":
             if self.per_pos:
                 t, d = self.shape
-                return [f"neuron:{lay}:{p}:{i}" for p in range(t) for i in range(d)]
-            return [f"neuron:{lay}:*:{i}" for i in range(self.shape[0])]
+                return [format_id(kind, lay, p, i) for p in range(t) for i in range(d)]
+            return [format_id(kind, lay, None, i) for i in range(self.shape[0])]
         if self.per_pos:
-            return [f"{self.kind}:{lay}:{p}" for p in range(self.shape[0])]
-        return [f"{self.kind}:{lay}:*"]
+            return [format_id(kind, lay, p) for p in range(self.shape[0])]
+        return [format_id(kind, lay, None)]
 
     def reduce(self, x: Tensor) -> Tensor:
         """Per-node sums of an elementwise product at this group's site (``batch ...`` site layout,

@@ -1,5 +1,12 @@
-"""``adag patch``: run localisation methods over a task and write their tables, plots and (with
-``evaluate``) the cost-versus-recall evaluation against ground truth into ``RUN_DIR/patching/``."""
+"""The ``patch`` stage (``adag patch``): run localisation methods over prompt pairs and write their
+tables, plots and (with :func:`evaluate`) the cost-versus-recall evaluation against ground truth
+into ``RUN_DIR/patching/``.
+
+Resume: a method's table ``RUN_DIR/patching/<method>.parquet`` is reused when its sidecar key
+(:func:`patch_key`) matches — same model, dtype, method, node set, metric and pair tokens.
+``batch_size`` is not part of the key: it changes how many patched copies share a forward pass,
+not the effects (up to float rounding).
+"""
 
 from __future__ import annotations
 
@@ -14,11 +21,14 @@ import numpy as np
 from adag.errors import AdagError
 from adag.io import save_figure, write_parquet, write_text
 from adag.patching.atp import atp
+from adag.patching.baselines import rank_by_magnitude
 from adag.patching.patch import PatchingOracle, exhaustive, tokenized
 from adag.patching.scores import NodeScores
+from adag.pipeline.resume import config_hash, is_current, key_path, write_key
 
 if TYPE_CHECKING:
     from adag.models.model import Model
+    from adag.tasks.pairs import TokenizedPair
 
 ESTIMATORS: dict[str, dict[str, bool]] = {
     "atp": {},
@@ -194,6 +204,45 @@ def evaluate(
     return summary
 
 
+def pairs_hash(pairs: Sequence[TokenizedPair]) -> str:
+    """A hash of what the model sees of the pairs: clean and noise token ids, answer and foil ids
+    (the same text under another tokenizer hashes differently)."""
+    rows = [[tp.clean.tolist(), tp.noise.tolist(), tp.answer_id, tp.foil_id] for tp in pairs]
+    return config_hash({"pairs": rows})
+
+
+def patch_key(
+    model: Model, pairs: Sequence[TokenizedPair], *, method: str, nodes: str, metric: str | None
+) -> dict[str, Any]:
+    """The settings that decide a method's table (its resume key)."""
+    from adag.tasks.pairs import make_metric
+
+    return {
+        "stage": "patch",
+        "model": model.name,
+        "architecture": model.spec.model_type,
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "method": method,
+        "nodes": nodes,
+        "metric": make_metric(metric).name,
+        "pairs": pairs_hash(pairs),
+    }
+
+
+def _saved_top(path: Path, k: int) -> list[tuple[str, float]] | None:
+    """The top-``k`` nodes by ``|estimate|`` of a saved table, or None if it cannot be read."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path, columns=["node", "estimate"])
+    except (OSError, ValueError, pa.ArrowException):
+        return None
+    nodes = table.column("node").to_pylist()
+    est = table.column("estimate").to_numpy()
+    return [(nodes[i], float(est[i])) for i in rank_by_magnitude(est)[:k]]
+
+
 def patch_command(
     model: Model,
     pairs: Sequence[object],
@@ -201,26 +250,43 @@ def patch_command(
     *,
     method: str,
     nodes: str,
+    metric: str | None = None,
     batch_size: int = 32,
     evaluate_all: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """What ``adag patch`` does: one method's table and plot, or the whole evaluation."""
-    out_dir = out / "patching"
+    """What ``adag patch`` does: one method's table and plot (reused when current: ``"reused":
+    true``), or the whole evaluation (``evaluate_all``, always recomputed)."""
+    out_dir = Path(out) / "patching"
     if method not in METHODS:
         raise AdagError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     t0 = time.perf_counter()
     if evaluate_all:
         return evaluate(
-            model, pairs, out_dir, nodes=nodes, batch_size=batch_size, progress=progress
+            model,
+            pairs,
+            out_dir,
+            nodes=nodes,
+            metric=metric,
+            batch_size=batch_size,
+            progress=progress,
         )
-    scores = run_method(model, pairs, method, nodes=nodes, batch_size=batch_size)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    table = scores.save(out_dir / f"{method}.parquet")
-    plot = plot_top_nodes(scores, out_dir / f"{method}.png")
+    toks = tokenized(model, pairs)  # validate before anything is written
+    key = patch_key(model, toks, method=method, nodes=nodes, metric=metric)
+    table, plot = out_dir / f"{method}.parquet", out_dir / f"{method}.png"
+    top = _saved_top(table, 10) if is_current(table, key) and plot.exists() else None
+    reused = top is not None
+    if top is None:
+        scores = run_method(model, toks, method, nodes=nodes, metric=metric, batch_size=batch_size)
+        key_path(table).unlink(missing_ok=True)  # a new table must never sit beside an old key
+        scores.save(table)
+        plot_top_nodes(scores, plot)
+        write_key(table, key)
+        top = scores.top(10)
     return {
         "table": str(table),
         "plot": str(plot),
+        "reused": reused,
         "seconds": time.perf_counter() - t0,
-        "top": scores.top(10),
+        "top": top,
     }

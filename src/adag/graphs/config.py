@@ -1,0 +1,111 @@
+"""``TraceConfig``: how attribution graphs are traced. Kept free of torch so that the command line,
+whose ``adag trace`` options mirror these fields, imports it cheaply."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from adag.errors import AdagError
+
+if TYPE_CHECKING:
+    from adag.models.model import Model
+
+Targets = Sequence[str | int] | Mapping[str | int, float] | None
+
+
+@dataclass(frozen=True)
+class TraceConfig:
+    """How graphs are traced: one object for :func:`trace`, the ``adag trace`` command (whose
+    options mirror these fields, help text included) and the run directory, where the
+    content-deciding fields (:meth:`content`) are the resume key."""
+
+    k: int = field(default=5, metadata={"help": "trace the top-k next tokens", "content": True})
+    targets: Targets = field(
+        default=None,
+        metadata={
+            "help": "token strings or ids (metric: the sum of their logits), or {token: coef} "
+            "(e.g. a logit difference); None traces the top-k",
+            "content": True,
+        },
+    )
+    node_threshold: float = field(
+        default=0.005,
+        metadata={
+            "help": "keep nodes with |attribution| >= this fraction of |metric|",
+            "content": True,
+        },
+    )
+    edge_threshold: float = field(
+        default=0.01, metadata={"help": "keep edges with |weight| >= this", "content": True}
+    )
+    chat: bool = field(
+        default=False,
+        metadata={"help": "wrap prompts in the chat template (user turn)", "content": True},
+    )
+    exclude_bos: bool = field(
+        default=True,
+        metadata={"help": "leave a leading BOS position out of the nodes", "content": True},
+    )
+    batch_size: int = field(
+        default=32, metadata={"help": "target nodes per backward pass", "content": False}
+    )
+    max_batch_tokens: int = field(
+        default=1024,
+        metadata={"help": "cap on rows x prompt length per pass (memory)", "content": False},
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise AdagError(f"k must be at least 1, got {self.k!r}")
+        if not (self.node_threshold >= 0 and self.edge_threshold >= 0):
+            raise AdagError(
+                f"thresholds must be >= 0, got node_threshold={self.node_threshold}, "
+                f"edge_threshold={self.edge_threshold}"
+            )
+        if self.batch_size < 1:
+            raise AdagError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.max_batch_tokens < 1:
+            raise AdagError(f"max_batch_tokens must be at least 1, got {self.max_batch_tokens}")
+
+    @classmethod
+    def help(cls, name: str) -> str:
+        """The help text of field ``name`` (the CLI's option help)."""
+        return str(cls.__dataclass_fields__[name].metadata["help"])
+
+    def updated(self, **options: Any) -> TraceConfig:
+        """A copy with ``options`` (field names) replaced; unknown names are an error."""
+        known = {f.name for f in dataclasses.fields(self)}
+        bad = sorted(set(options) - known)
+        if bad:
+            raise AdagError(
+                f"unknown trace option(s) {', '.join(bad)}; options: {', '.join(sorted(known))}"
+            )
+        return dataclasses.replace(self, **options) if options else self
+
+    def content(self, model: Model) -> dict[str, Any]:
+        """The settings that decide a graph's content (recorded in ``Graph.settings``; a run
+        directory reuses a graph whose recorded settings match)."""
+        return {
+            "model": model.name,
+            "architecture": model.spec.model_type,
+            "dtype": str(model.dtype).removeprefix("torch."),
+            "k": self.k if self.targets is None else None,
+            "targets": None if self.targets is None else targets_json(self.targets),
+            "node_threshold": self.node_threshold,
+            "edge_threshold": self.edge_threshold,
+            "exclude_bos": self.exclude_bos,
+            "chat": self.chat,
+        }
+
+
+def targets_json(targets: Targets) -> Any:
+    """``targets`` as JSON (for settings)."""
+    if isinstance(targets, Mapping):
+        return [[t, float(c)] for t, c in targets.items()]
+    return list(targets or [])
+
+
+__all__ = ["Targets", "TraceConfig", "targets_json"]

@@ -1,0 +1,156 @@
+"""Node families: what tracing needs to know about one kind of graph node.
+
+:func:`adag.graphs.trace.trace` is one algorithm (clean run, node attribution, input attribution,
+direct-effect edges, assembly) over any number of families. A family says
+
+* **where its activations live**: one site per layer, ``batch pos n`` (``site``), read in the clean
+  run and in linear-replica runs, differentiated in the attribution and edge passes;
+* **how a node's attribution is formed** from that site's gradient and clean value
+  (``attribution``, ``source_contributions``; ``a · ∂/∂a`` by default);
+* **how a batch of rows is seeded for one target node each** in the edge pass, where every MLP is
+  stopped and the family's splice runs in ``"edges"`` mode (``seeds``);
+* **where it reads and writes in the forward pass** (``read_stage`` / ``write_stage``, in layers:
+  ``l`` is ``blocks.l.hook_resid_pre``, ``l + 0.5`` the MLP input, ``l + 1`` ``blocks.l.hook_resid_post``);
+  an edge ``s → t`` exists only if ``write_stage(s) <= read_stage(t)``. A cross-layer transcoder
+  feature writes to every later layer: its first write decides;
+* **code it runs inside the forward pass** (``splice``: a transcoder replacing the MLPs, publishing
+  its feature activations as run-time sites with :meth:`adag.models.model.Model.publish`), and the
+  MLP rule it needs for the attribution pass (``mlp_rules``: ``stop`` where a splice replaces the
+  MLP);
+* its node **kind**, which is also the id prefix of :mod:`adag.nodes` (``neuron:L:P:I``).
+
+MLP neurons (:class:`adag.graphs.neurons.MlpNeurons`) are the first family; transcoder features
+and error nodes are the next.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from adag.models.model import Model
+    from adag.models.sites import SiteRun
+
+Mode = Literal["clean", "attribution", "edges", "replica"]
+"""The forward passes of a trace: the clean run (values), the attribution pass (linearised
+backward, one row per target logit), the edge pass (every MLP stopped, one row per target node) and
+the linear-replica runs (input attributions)."""
+
+
+@dataclass
+class Nodes:
+    """The kept nodes of one family, sorted by (layer, position, index); tensors of length ``n``."""
+
+    layer: Tensor
+    pos: Tensor
+    idx: Tensor
+    act: Tensor
+    """the node's clean activation (the value edges into it are normalised by)"""
+    attr: Tensor
+    """attribution to the metric"""
+    out_attr: Tensor
+    """``(n, K)``: attribution to each target logit"""
+
+    def __len__(self) -> int:
+        return len(self.layer)
+
+    def of_layer(self, layer: int) -> Tensor:
+        """Boolean mask of the nodes of ``layer``."""
+        return self.layer == layer
+
+
+class NodeFamily:
+    """One kind of graph node; see the module docstring. Subclasses set ``kind`` and implement
+    ``site``, ``read_stage``, ``write_stage`` and ``seeds``; the rest has defaults for nodes that are
+    scalar entries of their site."""
+
+    kind: str = ""
+    can_be_target: bool = True
+    """whether edges into this family's nodes are traced (error nodes: no)"""
+
+    def layers(self, model: Model) -> list[int]:
+        """The layers that have nodes of this family."""
+        return list(range(model.n_layers))
+
+    def site(self, layer: int) -> str:
+        """The site ``batch pos n`` holding this family's activations at ``layer``."""
+        raise NotImplementedError
+
+    def read_stage(self, layer: int) -> float:
+        raise NotImplementedError
+
+    def write_stage(self, layer: int) -> float:
+        raise NotImplementedError
+
+    def mlp_rules(self, model: Model) -> Mapping[int, str]:
+        """Per-layer MLP rules for the attribution pass and the replica (``relp`` elsewhere)."""
+        return {}
+
+    def clean_sites(self, model: Model) -> list[str]:
+        """Extra sites the clean run must read (for seeds)."""
+        return []
+
+    def edge_sites(self, model: Model, layers: Sequence[int]) -> list[str]:
+        """Sites to read in the edge pass, for seeding targets of ``layers``."""
+        return []
+
+    def splice(
+        self, model: Model, mode: Mode, clean: Mapping[str, Tensor] | None
+    ) -> contextlib.AbstractContextManager[object]:
+        """A context manager active around every forward pass of mode ``mode`` (entered after the
+        pass's own :class:`~adag.models.sites.SiteRun`). ``clean``: the clean run's values (batch
+        stripped), ``None`` in the clean run."""
+        return contextlib.nullcontext()
+
+    def values(self, x: Tensor) -> Tensor:
+        """Node values ``(..., pos, n)`` from the site value ``x``."""
+        return x
+
+    def attribution(self, grad: Tensor, x: Tensor) -> Tensor:
+        """``(rows, pos, n)``: each node's value times the gradient of each row's output with
+        respect to it; ``grad`` is ``(rows, pos, ·)`` at the site, ``x`` the clean ``(pos, ·)``."""
+        return grad * x
+
+    def source_contributions(
+        self, grad: Tensor, x: Tensor, pos: Tensor, idx: Tensor, act: Tensor
+    ) -> Tensor:
+        """``(rows, n)``: :meth:`attribution` at the given nodes only (of one layer), without
+        forming it for every entry of the site."""
+        return grad[:, pos, idx] * act
+
+    def seeds(
+        self,
+        model: Model,
+        run: SiteRun,
+        clean: Mapping[str, Tensor],
+        layer: int,
+        rows: Tensor,
+        pos: Tensor,
+        idx: Tensor,
+    ) -> list[tuple[Tensor, Tensor]]:
+        """``(output, seed)`` pairs whose vector–Jacobian product, in the edge pass, is the
+        gradient of node ``(layer, pos[i], idx[i])`` in batch row ``rows[i]`` with respect to every
+        earlier site (every MLP stopped, the node's own nonlinearity linearised)."""
+        raise NotImplementedError
+
+
+@contextlib.contextmanager
+def spliced(
+    model: Model,
+    families: Sequence[NodeFamily],
+    mode: Mode,
+    clean: Mapping[str, Tensor] | None,
+) -> Iterator[None]:
+    """Every family's :meth:`NodeFamily.splice` for ``mode``, entered in family order."""
+    with contextlib.ExitStack() as stack:
+        for f in families:
+            stack.enter_context(f.splice(model, mode, clean))
+        yield
+
+
+__all__ = ["Mode", "NodeFamily", "Nodes", "spliced"]
