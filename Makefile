@@ -31,8 +31,10 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 # everything but the tests that load SmolLM2 (marked automatically in tests/conftest.py): < 1 min
+# Everything but the real-model tests, on two pytest-xdist workers of one torch thread each (more
+# threads than cores makes torch many times slower on a small machine).
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not smollm2"
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not smollm2" -n 2
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format src tests bench
