@@ -19,11 +19,24 @@ import torch
 
 from adag.models.model import Model
 
-SMOLLM2_MODULES = {"test_cli", "test_trace_cli", "test_docs", "test_smollm2"}
+SMOLLM2_MODULES = {
+    "test_cli",
+    "test_cli_inputs",
+    "test_trace_cli",
+    "test_docs",
+    "test_smollm2",
+    "test_rundir",
+}
 """Modules that load SmolLM2 through the CLI or the README, not through the fixture."""
 SMOLLM2_TESTS = {"test_load.py::test_gguf_conversion_is_atomic_and_cached"}
 """Single tests that load SmolLM2 from its GGUF file themselves."""
-CACHED_LOADER_MODULES = {"test_cli", "test_trace_cli", "test_docs"}
+CACHED_LOADER_MODULES = {
+    "test_cli",
+    "test_cli_inputs",
+    "test_trace_cli",
+    "test_docs",
+    "test_rundir",
+}
 """Modules whose ``load_model("smollm2-135m")`` returns the session's model (see
 :func:`cached_smollm2_loader`)."""
 

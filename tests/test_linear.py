@@ -30,6 +30,23 @@ def test_forward_bit_identical(tiny: Model, tokens, rule):
     assert torch.equal(plain, lin_grad.detach())
 
 
+def test_forward_exact_where_the_final_softcap_saturates(tokens):
+    """float32 Gemma 2 with a small final softcap: tanh saturates (1 - tanh² rounds to 0); the
+    linearised forward must still equal the plain one (it was NaN) and gradients stay finite."""
+    from .conftest import tiny_model
+
+    m = tiny_model("gemma2", dtype=torch.float32)
+    m.final_softcap = 0.05
+    m.hf.config.final_logit_softcapping = 0.05
+    with torch.no_grad():
+        plain = m(tokens)
+    assert ((plain / 0.05).abs() == 1).any()  # tanh rounded to ±1 somewhere
+    with linearize(m), m.sites(grad=["blocks.0.hook_resid_pre"]) as run:
+        lin = m(tokens)
+        g = run.grads(lin[:, -1].sum())["blocks.0.hook_resid_pre"]
+    assert torch.equal(plain, lin.detach()) and torch.isfinite(g).all()
+
+
 @pytest.mark.parametrize("rule", ["relp", "frozen_gate"])
 def test_completeness(tiny: Model, tokens, rule):
     """logit = Σ_pos embedding · gradient + Σ bias · gradient (Euler: the linearised model is

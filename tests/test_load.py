@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from adag.errors import AdagError
-from adag.models.load import ALIASES, convert_gguf, find_alias_gguf, gguf_cache_path, load_model
+from adag.models.load import (
+    ALIASES,
+    convert_gguf,
+    find_alias_gguf,
+    gguf_cache_path,
+    gguf_problem,
+    load_model,
+)
 from adag.models.model import Model
 
 from .conftest import tiny_hf
@@ -60,6 +67,8 @@ def test_local_directory_round_trip(tmp_path, smollm2: Model):
         ("missing.gguf", {}, "GGUF file 'missing.gguf' does not exist"),
         ("smollm2-135m", {"dtype": "float8"}, "unsupported dtype 'float8'"),
         ("smollm2-135m", {"device": "tpu"}, "unsupported device 'tpu'"),
+        ("", {}, "model name is empty; give an alias (adag models), a Hugging Face id"),
+        ("  ", {}, "model name is empty"),
     ],
 )
 def test_bad_input_gets_one_line(name, kwargs, message):
@@ -104,3 +113,35 @@ def test_prompt_errors(smollm2: Model):
         smollm2(torch.zeros(1, 8193, dtype=torch.long))
     with pytest.raises(AdagError, match="different lengths"):
         smollm2.to_tokens(["a", "a b c d"])
+
+
+def test_truncated_gguf_is_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("ADAG_CACHE", str(tmp_path / "cache"))
+    gguf = find_alias_gguf(ALIASES["smollm2-135m"])
+    assert gguf is not None
+    assert gguf_problem(gguf) is None
+    data = gguf.read_bytes()
+    cuts = [data[:n] for n in (0, 3, 200, 1_000_000, len(data) // 2, len(data) - 1)]
+    for cut_data in [*cuts, b"not a GGUF file at all"]:
+        cut = tmp_path / "cut.gguf"
+        cut.write_bytes(cut_data)
+        assert gguf_problem(cut) is not None, len(cut_data)
+        with pytest.raises(AdagError) as e:
+            load_model(str(cut))
+        msg = str(e.value)
+        assert msg.startswith(f"{cut} is not a complete GGUF file (") and "\n" not in msg, msg
+    assert not (tmp_path / "cache").exists()  # nothing cached for a file that could not be read
+
+
+def test_offline_hub_id_is_one_line(monkeypatch):
+    import adag.models.load as load
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(load, "hub_reachable", lambda: pytest.fail("probed although offline"))
+    with pytest.raises(AdagError, match="not in the local Hugging Face cache and HF_HUB_OFFLINE"):
+        load_model("nobody-adag/no-such-model")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(load, "hub_reachable", lambda: False)
+    with pytest.raises(AdagError, match="and the Hub cannot be reached; download it once"):
+        load_model("nobody-adag/no-such-model")

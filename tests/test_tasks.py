@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from adag.tasks import (
     logit_diff,
     make_metric,
     make_task,
+    max_pairs,
     save_pairs,
     tokenize_pair,
     tokenize_pairs,
@@ -143,6 +145,25 @@ def test_make_task(smollm2: Model, ioi20: list[PromptPair]):
     assert "n >= 1" in one_line(e)
 
 
+@pytest.mark.parametrize("task", ["ioi", "capitals"])
+def test_make_task_refuses_more_than_it_can_make(smollm2: Model, task: str):
+    most = max_pairs(task, smollm2)
+    assert 1000 < most < 100_000  # ioi: 8 templates x names x others x 2 orders
+    with pytest.raises(AdagError) as e:
+        make_task(task, smollm2, most + 1)  # refused from the tokenizer alone, at once
+    assert f"task {task} can make at most {most} pairs" in one_line(e)
+
+
+def test_make_task_says_when_it_made_fewer(
+    smollm2: Model, capitals_all: list[PromptPair], caplog: pytest.LogCaptureFixture
+):
+    n = len(capitals_all) + 1
+    assert n <= max_pairs("capitals", smollm2)
+    with caplog.at_level(logging.WARNING, logger="adag.tasks.builtin"):
+        assert make_task("capitals", smollm2, n) == capitals_all
+    assert f"made only {len(capitals_all)} of the {n} pairs" in caplog.text
+
+
 class _Clueless:
     """The real tokenizer in front of a "model" that always predicts token 0."""
 
@@ -188,6 +209,7 @@ def test_tokenize_pair(smollm2: Model):
         (PromptPair(IOI.clean, IOI.noise, "", " John"), ["answer", "0 tokens"]),
         (PromptPair("", IOI.noise, " Mary", " John"), ["clean prompt is empty"]),
         (PromptPair(IOI.clean, "", " Mary", " John"), ["noise prompt is empty"]),
+        (PromptPair(IOI.clean, IOI.noise, " Mary", " Mary"), ["the same token", "is 0"]),
     ],
 )
 def test_tokenize_pair_errors(smollm2: Model, pair: PromptPair, needles: list[str]):
@@ -359,6 +381,7 @@ GOOD = json.dumps({"clean": "a", "noise": "b", "answer": " c", "foil": " d"})
         ('{"clean": null, "noise": "b", "answer": " c"}\n', 1, "field 'clean' must be a string"),
         ('{"clean": "a", "noise": "b", "answer": " c", "foil": 1}\n', 1, "'foil' must be a string"),
         (GOOD + '\n{"clean": "a", "noise": "b", "answer": " c", "seed": "x"}\n', 2, "unknown"),
+        ('{"clean": "a", "noise": "b", "answer": " c", "foil": " c"}\n', 1, "the same token"),
     ],
 )
 def test_load_errors_name_file_and_line(tmp_path: Path, text: str, line: int, needle: str):
@@ -392,3 +415,32 @@ def test_load_missing_file_and_directory(tmp_path: Path):
     with pytest.raises(AdagError) as e:
         load_pairs(bad)
     assert "UTF-8" in one_line(e)
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "needle"),
+    [
+        ("a\tb\n", 1, "expected clean<TAB>noise<TAB>answer[<TAB>foil] (3 or 4"),
+        ("a\tb\t c\n\na\tb\t c\t d\t e\n", 3, "got 5"),
+        ("a\tb\t c\t c\n", 1, "the same token"),
+    ],
+)
+def test_load_text_pairs_errors(tmp_path: Path, text: str, line: int, needle: str):
+    path = tmp_path / "bad.txt"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(AdagError) as e:
+        load_pairs(path)
+    msg = one_line(e)
+    assert msg.startswith(f"{path}:{line}: ") and needle in msg
+
+
+def test_load_pairs_format(tmp_path: Path):
+    path = tmp_path / "pairs"  # no name to go by: the first line decides
+    path.write_text("\ufeff" + GOOD + "\n", encoding="utf-8")
+    got = load_pairs(path)
+    assert got == [PromptPair("a", "b", " c", " d")] and got.format == "jsonl"
+    path.write_text("a\tb\t c\t d\n", encoding="utf-8")
+    got = load_pairs(path)
+    assert got == [PromptPair("a", "b", " c", " d")] and got.format == "text"
+    with pytest.raises(AdagError, match=r":1: not valid JSON .*read as JSONL because --format"):
+        load_pairs(path, format="jsonl")

@@ -357,3 +357,33 @@ def test_trace_config_is_the_one_list_of_settings(tiny: Model, ids):
     ]:
         with pytest.raises(AdagError, match=msg):
             TraceConfig(**bad)
+
+
+def test_refuses_runs_that_would_say_nothing(tiny: Model, ids, tmp_path):
+    """k beyond the vocabulary, a foil equal to the target and an over-long prompt among several
+    are one-line errors before any work, naming the prompt."""
+    from typer.testing import CliRunner
+
+    from adag.cli import app
+
+    with pytest.raises(AdagError, match=r"k=62 is more than the 61 tokens"):
+        trace(tiny, ids, k=62)
+    long = torch.zeros(100, dtype=torch.long)
+    with pytest.raises(AdagError, match=r"^prompt 2: prompt is 100 tokens, longer than"):
+        trace(tiny, [ids, long])
+    out = tmp_path / "run"
+    r = CliRunner().invoke(
+        app, ["trace", "m", "p", "--target", " Paris", "--foil", " Paris", "--out", str(out)]
+    )
+    assert r.exit_code == 2 and "is the --target itself" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_seed_is_joined_with_one_space():
+    from adag.graphs.trace import join_seed
+
+    assert join_seed("Q?", "Answer:") == "Q? Answer:"
+    assert join_seed("Q? ", "Answer:") == "Q? Answer:"
+    assert join_seed("Q?", " Answer:") == "Q? Answer:"
+    assert join_seed("Q?\n", "A:") == "Q?\nA:"
+    assert join_seed("Q?", None) == join_seed("Q?", "") == "Q?"

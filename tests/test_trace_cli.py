@@ -57,10 +57,10 @@ def test_trace_dataset_resumes_and_prints_table(tmp_path):
     assert Graph.load(out / "graphs" / "0001-the-capital-of-italy-is").settings["label"] == "it"
     r = runner.invoke(app, [*args, "--json"])
     assert r.exit_code == 0, r.output
-    assert json.loads(r.stdout)["reused"] == 2
+    assert len(json.loads(r.stdout)["reused"]) == 2
     # other settings: traced again
     r = runner.invoke(app, [*args[:-1], "3", "--json"])
-    assert json.loads(r.stdout)["reused"] == 0
+    assert json.loads(r.stdout)["reused"] == []
 
 
 def test_trace_targets_and_foil(tmp_path):

@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal, NoReturn
 
 import typer
 from rich.console import Console
@@ -20,21 +21,69 @@ from typer.core import TyperGroup
 
 from adag.errors import AdagError
 
+# typer.BadParameter is public in every typer version and subclasses the UsageError of the click
+# typer runs on (its own vendored copy since typer 0.2x, click itself before): catch that one.
+_UsageError: type[Exception] = next(
+    c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError"
+)
+
+
+def _usage_error(e: Any, subcommand: str | None = None) -> NoReturn:
+    """An argument-parsing error as one line, ``adag: error: <message> (see adag CMD --help)``,
+    and exit status 2: click's boxed usage block would break the CLI's one-line promise.
+    ``subcommand`` names the command being parsed for errors that carry no context of their own
+    (click raises some, e.g. an option missing its value, without one)."""
+    names = []
+    ctx = e.ctx
+    while ctx is not None and ctx.parent is not None:
+        names.append(ctx.info_name)
+        ctx = ctx.parent
+    if not names and subcommand:
+        names = [subcommand]
+    command = " ".join(["adag", *reversed(names)])
+    message = " ".join(e.format_message().split()).rstrip(".")
+    typer.echo(f"adag: error: {message} (see {command} --help)", err=True)
+    raise typer.Exit(2) from None
+
 
 class _AdagGroup(TyperGroup):
     """The command group with the CLI's one error handler: an AdagError from any command (or
     its argument parsing) becomes ``adag: error: <message>`` on stderr and exit status 2.
 
+    Ctrl-C (KeyboardInterrupt) becomes one line saying what was kept and how to resume, and exit
+    status 130.
+
+    A usage error (unknown option or command, missing argument, bad integer or choice) becomes
+    one line too, ``adag: error: <message> (see adag CMD --help)``, exit status 2.
+
     It lives in the group's ``invoke`` rather than in :func:`main` so that ``adag``, ``python -m
     adag`` and typer's ``CliRunner.invoke(app, ...)`` (which bypasses ``main``) behave the same.
     """
 
+    def make_context(self, info_name: Any, args: Any, parent: Any = None, **extra: Any) -> Any:
+        # The group's own arguments (``adag --bogus``) are parsed here, before ``invoke``.
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except _UsageError as e:
+            if type(e).__name__ == "NoArgsIsHelpError":  # bare ``adag``: the help, as before
+                raise
+            _usage_error(e)
+
     def invoke(self, ctx: Any) -> Any:  # ctx: typer's vendored click Context (private module)
+        from adag.pipeline.rundir import progress  # stdlib-only: keeps `adag --help` quick
+
+        progress.reset()
         try:
             return super().invoke(ctx)
         except AdagError as e:
             typer.echo(f"adag: error: {e}", err=True)
             raise typer.Exit(2) from None
+        except _UsageError as e:  # a command's arguments, or no such command
+            _usage_error(e, ctx.invoked_subcommand)
+        except KeyboardInterrupt:
+            # Ctrl-C: one line saying what the running stage kept (see rundir.Progress), 130
+            typer.echo(f"adag: {progress.interrupted()}", err=True)
+            raise typer.Exit(130) from None
 
 
 app = typer.Typer(
@@ -51,6 +100,19 @@ ModelArg = Annotated[str, typer.Argument(help="alias, Hugging Face id, local dir
 DtypeOpt = Annotated[str, typer.Option(help="float32, float64, bfloat16 or float16")]
 DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print the result as JSON")]
+FileFormat = Literal["auto", "jsonl", "text"]
+
+
+def _read_line(rows: Any, what: str) -> str:
+    """``read 6 prompts from p.jsonl (jsonl)``: which format a user file was read in."""
+    n = len(rows)
+    return f"read {n} {what}{'' if n == 1 else 's'} from {rows.path} ({rows.format})"
+
+
+ForceOpt = Annotated[
+    bool, typer.Option("--force", help="redo the stage even where its outputs are current")
+]
+# --out is a str, not a Path: typer turns "" into Path("."), and "" must be refused
 
 
 @app.command()
@@ -111,10 +173,22 @@ def predict(
 @app.command()
 def patch(
     model: ModelArg,
-    out: Annotated[Path, typer.Option("--out", help="run directory (writes RUN_DIR/patching/)")],
+    out: Annotated[str, typer.Option("--out", help="run directory (writes RUN_DIR/patching/)")],
     task: Annotated[str, typer.Option(help="built-in task: ioi or capitals")] = "ioi",
     n_pairs: Annotated[int, typer.Option(help="how many prompt pairs to generate")] = 20,
     pairs: Annotated[Path | None, typer.Option(help="JSONL prompt pairs (replaces --task)")] = None,
+    pairs_format: Annotated[
+        FileFormat,
+        typer.Option(
+            "--format",
+            help="how to read --pairs: auto (.jsonl/.json or .txt by name, else JSONL when the "
+            "first line is a JSON object), jsonl, or text (clean<TAB>noise<TAB>answer[<TAB>foil])",
+        ),
+    ] = "auto",
+    metric: Annotated[
+        str,
+        typer.Option(help="logit_diff (logit(answer) - logit(foil), needs a foil) or prob"),
+    ] = "logit_diff",
     method: Annotated[
         str,
         typer.Option(help="atp_star, atp, atp_qk, atp_graddrop, exhaustive, exhaustive_denoising"),
@@ -133,23 +207,30 @@ def patch(
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
     as_json: JsonOpt = False,
+    force: ForceOpt = False,
 ) -> None:
     """Localise a behaviour in MODEL: AtP* (or another method) over prompt pairs; --evaluate
     compares every method with exhaustive activation patching. A table already written with the
-    same settings is reused."""
+    same settings is reused (unless --force)."""
     from adag.models.load import load_model
     from adag.patching.node_sets import node_set
     from adag.pipeline.patch import METHODS, patch_command
-    from adag.tasks import load_pairs, make_task
+    from adag.pipeline.rundir import check_writable
+    from adag.tasks import load_pairs, make_metric, make_task
 
     err = Console(stderr=True)
+    make_metric(metric)  # an unknown name fails before any work
+    if pairs_format != "auto" and pairs is None:
+        raise AdagError("--format says how to read --pairs FILE; give --pairs too")
     if method not in METHODS:
         raise AdagError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     if n_pairs < 1:
         raise AdagError(f"--n-pairs must be at least 1, got {n_pairs}")
     if batch_size < 1:
         raise AdagError(f"--batch-size must be at least 1, got {batch_size}")
-    prompt_pairs = load_pairs(pairs) if pairs is not None else None
+    run_dir = check_writable(out, dirs=("patching",))  # before any work
+    read = load_pairs(pairs, format=pairs_format) if pairs is not None else None
+    prompt_pairs = list(read) if read is not None else None
     m = load_model(model, dtype=dtype, device=device)
     node_set(m, nodes, 1)  # validate the node spec before any work
     if prompt_pairs is None:
@@ -159,13 +240,17 @@ def patch(
         result = patch_command(
             m,
             prompt_pairs,
-            out,
+            run_dir,
             method=method,
             nodes=nodes,
+            metric=metric,
             batch_size=batch_size,
             evaluate_all=evaluate,
             progress=lambda msg: status.update(f"patching: {msg}"),
+            force=force,
         )
+    if read is not None:  # said once the run worked, so that an error stays the only line
+        typer.echo(_read_line(read, "pair"), err=True)
     if as_json:
         typer.echo(json.dumps(result, indent=2, default=str))
         return
@@ -194,8 +279,11 @@ def patch(
                 )
         console.print(t)
         console.print(
-            f"wrote {out / 'patching'} (curves.png, curves.parquet, bound.parquet, evaluation.json)"
+            f"wrote {run_dir / 'patching'} (curves.png, curves.parquet, bound.parquet, "
+            "evaluation.json)"
         )
+    if result["stale_temps"]:
+        console.print(f"removed {len(result['stale_temps'])} temp file(s) of a killed run")
 
 
 from adag.graphs.config import TraceConfig  # noqa: E402  (torch-free: the CLI mirrors its fields)
@@ -210,13 +298,21 @@ def trace(
         str | None, typer.Argument(help="the prompt (or give --prompts FILE)")
     ] = None,
     out: Annotated[
-        Path,
+        str,
         typer.Option("--out", help="run directory (writes graphs/, viewer/, profiles.parquet)"),
-    ] = Path("runs/trace"),
+    ] = "runs/trace",
     prompts: Annotated[
         Path | None,
         typer.Option("--prompts", help='JSONL ({"prompt": ..., "seed": ...}) or one prompt a line'),
     ] = None,
+    prompts_format: Annotated[
+        FileFormat,
+        typer.Option(
+            "--format",
+            help="how to read --prompts: auto (.jsonl/.json or .txt by name, else JSONL when the "
+            "first line is a JSON object), jsonl, or text (one prompt a line)",
+        ),
+    ] = "auto",
     target: Annotated[
         list[str] | None,
         typer.Option("--target", help="trace this token instead of the top-k (repeatable)"),
@@ -246,18 +342,26 @@ def trace(
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
     as_json: JsonOpt = False,
+    force: ForceOpt = False,
 ) -> None:
-    """Trace neuron attribution graphs (ADAG) for PROMPT or a prompt file."""
+    """Trace neuron attribution graphs (ADAG) for PROMPT or a prompt file. A rerun reuses the
+    graphs that are current, traces the others and removes those of prompts no longer given
+    (--force: trace every graph again)."""
     from rich.progress import Progress
 
     from adag.models.load import load_model
-    from adag.pipeline.trace import trace_stage
+    from adag.pipeline.rundir import check_writable
+    from adag.pipeline.trace import PROFILES, trace_stage
     from adag.tasks.prompts import PromptSpec, load_prompts
 
     if (prompt is None) == (prompts is None):
         raise AdagError("give either a PROMPT or --prompts FILE (not both)")
     if foil is not None and len(target or []) != 1:
         raise AdagError("--foil needs exactly one --target")
+    if foil is not None and target and foil == target[0]:
+        raise AdagError(
+            f"--foil {foil!r} is the --target itself; a logit difference needs two tokens"
+        )
     targets: Any = None
     if target:
         targets = {target[0]: 1.0, foil: -1.0} if foil is not None else list(target)
@@ -271,15 +375,23 @@ def trace(
         batch_size=batch_size,
         max_batch_tokens=max_batch_tokens,
     )
-    specs = load_prompts(prompts) if prompts is not None else [PromptSpec(prompt or "", seed)]
+    run_dir = check_writable(out, dirs=("graphs", "viewer"), files=(PROFILES,))  # before any work
+    if prompts_format != "auto" and prompts is None:
+        raise AdagError("--format says how to read --prompts FILE; give --prompts too")
+    read = load_prompts(prompts, format=prompts_format) if prompts is not None else None
+    specs = list(read) if read is not None else [PromptSpec(prompt or "", seed)]
     if seed is not None:
-        specs = [
-            PromptSpec(p.prompt, p.seed if p.seed is not None else seed, p.label) for p in specs
-        ]
+        specs = [p if p.seed is not None else replace(p, seed=seed) for p in specs]
     m = load_model(model, dtype=dtype, device=device)
-    with Progress(console=Console(stderr=True), transient=True) as bar:
+    err = Console(stderr=True)
+    # a progress bar only on a terminal: elsewhere rich would print a blank line before errors
+    with Progress(console=err, transient=True, disable=not err.is_terminal) as bar:
         task = bar.add_task("tracing", total=len(specs))
-        result = trace_stage(m, specs, out, config, progress=lambda n: bar.advance(task, n))
+        result = trace_stage(
+            m, specs, run_dir, config, progress=lambda n: bar.advance(task, n), force=force
+        )
+    if read is not None:  # said once the run worked, so that an error stays the only line
+        typer.echo(_read_line(read, "prompt"), err=True)
     if as_json:
         typer.echo(json.dumps(result, indent=2, default=str))
         return
@@ -296,7 +408,20 @@ def trace(
         )
     console = Console()
     console.print(t)
-    console.print(f"wrote {out / 'graphs'}, {result['viewer']} and {result['profiles']}")
+    console.print(f"wrote {run_dir / 'graphs'}, {result['viewer']} and {result['profiles']}")
+    console.print(_rerun_line(run_dir, result), markup=False, highlight=False, soft_wrap=True)
+
+
+def _rerun_line(run_dir: Path, result: dict[str, Any]) -> str:
+    """One line: what ``trace`` reused, traced and removed (and stale temp files it deleted)."""
+    n = {k: len(result[k]) for k in ("traced", "reused", "removed")}
+    line = f"graphs in {run_dir}: {n['traced']} traced, {n['reused']} reused"
+    if n["removed"]:
+        gone = result["removed"][:3] + (["..."] if n["removed"] > 3 else [])
+        line += f", {n['removed']} removed (not in this prompt list: {', '.join(gone)})"
+    if result["stale_temps"]:
+        line += f"; removed {len(result['stale_temps'])} temp file(s) of a killed run"
+    return line
 
 
 def main() -> None:

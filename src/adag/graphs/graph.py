@@ -47,6 +47,7 @@ and form a DAG. Node rows are in the order embeddings, neurons (by layer, positi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field, fields
@@ -56,10 +57,11 @@ from typing import Any
 import numpy as np
 
 from adag.errors import AdagError
-from adag.io import atomic_path, write_text
+from adag.io import shown, write_bytes, write_text
 
 FORMAT = "adag-graph"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: the JSON records the size and SHA-256 of its tensor file (version 1 did not)."""
 
 ARRAY_FIELDS = (
     # every array field of Graph (stored in the .safetensors file)
@@ -270,15 +272,20 @@ class Graph:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write ``PATH.safetensors`` (the arrays) and ``PATH.json`` (ids, strings, settings);
-        ``path`` may end in either suffix or none. Both files are written atomically, the
-        tensors first. Returns the JSON path."""
-        from safetensors.numpy import save_file
+        ``path`` may end in either suffix or none. Returns the JSON path.
+
+        The two files are one unit: each is written atomically, the tensors first, and the JSON
+        (written last) records the size and SHA-256 of the tensors it belongs to, which
+        :meth:`load` checks. A run killed between the two writes therefore leaves a pair that
+        does not load (new tensors beside an old or missing JSON), never a mixed graph."""
+        from safetensors.numpy import save
 
         base = _base(path)
         arrays = {name: np.ascontiguousarray(getattr(self, name)) for name in ARRAY_FIELDS}
-        with atomic_path(_with(base, ".safetensors")) as tmp:
-            save_file(arrays, tmp, metadata={"format": FORMAT, "version": str(FORMAT_VERSION)})
+        data = save(arrays, metadata={"format": FORMAT, "version": str(FORMAT_VERSION)})
+        write_bytes(_with(base, ".safetensors"), data)
         meta: dict[str, Any] = {"format": FORMAT, "version": FORMAT_VERSION}
+        meta["tensors"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
         meta.update({name: getattr(self, name) for name in _JSON})
         meta["metric"] = self.metric
         meta["settings"] = self.settings
@@ -286,29 +293,48 @@ class Graph:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Graph:
-        """Read a graph written by :meth:`save`."""
-        from safetensors.numpy import load_file
+        """Read a graph written by :meth:`save`. Raises a one-line :class:`AdagError` for a
+        missing file, a malformed one, or tensors that are not the ones the JSON records (the two
+        files of different saves)."""
+        from safetensors.numpy import load
 
         base = _base(path)
         js, st = _with(base, ".json"), _with(base, ".safetensors")
         for p in (js, st):
             if not p.exists():
-                raise AdagError(f"graph file {p} does not exist; write graphs with Graph.save")
+                raise AdagError(
+                    f"graph file {shown(p)} does not exist; write graphs with Graph.save"
+                )
         try:
             meta = json.loads(js.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise AdagError(f"{js} is not valid JSON ({e}); re-create it with Graph.save") from None
-        if meta.get("format") != FORMAT:
-            raise AdagError(f"{js} is not an adag graph (format {meta.get('format')!r})")
+            data = st.read_bytes()
+        except OSError as e:
+            raise AdagError(f"cannot read graph {shown(base)} ({e.strerror or e})") from None
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+            raise AdagError(
+                f"{shown(js)} is not valid JSON ({e}); re-create it with Graph.save"
+            ) from None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise AdagError(f"{shown(js)} is not an adag graph")
         if meta.get("version") != FORMAT_VERSION:
             raise AdagError(
-                f"{js} has graph format version {meta.get('version')}; this adag reads "
-                f"version {FORMAT_VERSION}"
+                f"{shown(js)} has graph format version {meta.get('version')}; this adag reads "
+                f"version {FORMAT_VERSION}; trace the graph again"
             )
-        arrays = load_file(str(st))
+        record = meta.get("tensors")
+        if not isinstance(record, dict) or record != {
+            "size": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+        }:
+            raise AdagError(
+                f"{shown(st)} is not the tensor file {shown(js.name)} was saved with (a run "
+                "stopped between writing the two?); trace the graph again"
+            )
+        arrays = load(data)
         missing = [n for n in ARRAY_FIELDS if n not in arrays]
+        missing += [n for n in (*_JSON, "metric") if n not in meta]
         if missing:
-            raise AdagError(f"{st} lacks arrays {missing}; re-create it with Graph.save")
+            raise AdagError(f"graph {shown(base)} lacks {missing}; re-create it with Graph.save")
         kwargs: dict[str, Any] = {n: arrays[n] for n in ARRAY_FIELDS}
         kwargs.update({n: meta[n] for n in _JSON})
         return cls(**kwargs, metric=float(meta["metric"]), settings=meta.get("settings", {}))

@@ -69,7 +69,8 @@ def assemble_prompt(
 ) -> tuple[str, list[int]]:
     """The text and token ids traced for ``prompt``: the raw prompt, or the model's chat template
     with ``prompt`` as the user turn and the assistant turn opened; ``seed`` (e.g. ``"Answer:"``)
-    is appended either way, so the traced position is its last token. Checked against the
+    is appended either way (after a space for a raw prompt, see :func:`join_seed`), so the traced
+    position is its last token. Checked against the
     model's context."""
     if not prompt.strip():
         raise AdagError("prompt is empty; give a non-empty prompt")
@@ -83,10 +84,20 @@ def assemble_prompt(
         text = str(text) + (seed or "")
         ids = list(tok(text, add_special_tokens=False)["input_ids"])
     else:
-        text = prompt + (seed or "")
+        text = join_seed(prompt, seed)
         ids = model.to_tokens(text)[0].tolist()
     model.check_tokens(torch.tensor([ids]))
     return text, ids
+
+
+def join_seed(prompt: str, seed: str | None) -> str:
+    """``prompt`` followed by the seed response, with one space between them unless the prompt
+    ends or the seed starts with whitespace (``"Q?" + "Answer:"`` is ``"Q? Answer:"``)."""
+    if not seed:
+        return prompt
+    if prompt[-1:].isspace() or seed[:1].isspace():
+        return prompt + seed
+    return f"{prompt} {seed}"
 
 
 def prepare(
@@ -94,24 +105,38 @@ def prepare(
     items: Sequence[Prompt],
     seeds: Sequence[str | None],
     config: TraceConfig,
+    *,
+    where: Sequence[str | None] | None = None,
 ) -> list[tuple[str, list[int]]]:
     """Assemble and check every prompt (and the targets) before any tracing: ``(text, ids)`` per
-    prompt (text ``""`` for prompts given as token ids)."""
+    prompt (text ``""`` for prompts given as token ids). An error about one prompt names it by
+    ``where`` (e.g. ``prompts.jsonl:3``), or by its number when there are several."""
     if not items:
         raise AdagError("no prompts given; pass a prompt or a non-empty list of prompts")
     if len(seeds) != len(items):
         raise AdagError(f"got {len(seeds)} seed responses for {len(items)} prompts")
+    if config.targets is None and config.k > model.d_vocab:
+        raise AdagError(
+            f"k={config.k} is more than the {model.d_vocab} tokens of the vocabulary; "
+            f"give k <= {model.d_vocab}"
+        )
     resolve_targets(model, None, config.targets, config.k)
     out = []
-    for item, seed in zip(items, seeds, strict=True):
-        if isinstance(item, str):
-            out.append(assemble_prompt(model, item, chat=config.chat, seed=seed))
-        else:
-            if config.chat or seed:
-                raise AdagError("chat and seed_response need text prompts, not token ids")
-            ids = torch.as_tensor(item).reshape(-1).tolist()
-            model.check_tokens(torch.tensor([ids], dtype=torch.long))
-            out.append(("", ids))
+    for i, (item, seed) in enumerate(zip(items, seeds, strict=True)):
+        name = where[i] if where is not None else (f"prompt {i + 1}" if len(items) > 1 else None)
+        try:
+            if isinstance(item, str):
+                out.append(assemble_prompt(model, item, chat=config.chat, seed=seed))
+            else:
+                if config.chat or seed:
+                    raise AdagError("chat and seed_response need text prompts, not token ids")
+                ids = torch.as_tensor(item).reshape(-1).tolist()
+                model.check_tokens(torch.tensor([ids], dtype=torch.long))
+                out.append(("", ids))
+        except AdagError as e:
+            if name is None:
+                raise
+            raise AdagError(f"{name}: {e}") from None
     return out
 
 
@@ -645,6 +670,7 @@ __all__ = [
     "clean_run",
     "direct_edges",
     "input_attributions",
+    "join_seed",
     "prepare",
     "resolve_targets",
     "target_token_id",

@@ -110,7 +110,10 @@ class Linearization(Session):
         ratio = torch.where(
             t == 0, torch.ones_like(t), th / torch.where(t == 0, torch.ones_like(t), t)
         )
-        factor = ratio / (1.0 - th * th)
+        # Where tanh saturates, 1 - tanh² rounds to 0 and no finite factor can undo the model's
+        # zero derivative; the clamp keeps the surrogate finite, so the forward stays exact
+        # (an infinite factor made it inf - inf = NaN) and those logits get gradient ~0.
+        factor = ratio / (1.0 - th * th).clamp_min(torch.finfo(th.dtype).eps)
         return _swap_grad(z, z * factor)
 
 

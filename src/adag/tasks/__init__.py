@@ -6,11 +6,12 @@ pairs from templates, keeping only those the model gets right.
 
 from __future__ import annotations
 
-from adag.tasks.builtin import TASKS, capitals, ioi, make_task
+from adag.tasks.builtin import TASKS, capitals, ioi, make_task, max_pairs
 from adag.tasks.pairs import (
     Metric,
     PromptPair,
     TokenizedPair,
+    UserFile,
     answer_prob,
     load_pairs,
     logit_diff,
@@ -25,6 +26,7 @@ __all__ = [
     "Metric",
     "PromptPair",
     "TokenizedPair",
+    "UserFile",
     "answer_prob",
     "capitals",
     "ioi",
@@ -32,6 +34,7 @@ __all__ = [
     "logit_diff",
     "make_metric",
     "make_task",
+    "max_pairs",
     "save_pairs",
     "tokenize_pair",
     "tokenize_pairs",

@@ -18,6 +18,7 @@ flips sign between clean and noise. Candidates are drawn in a fixed order from `
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
@@ -30,6 +31,8 @@ from adag.tasks.pairs import PromptPair
 
 if TYPE_CHECKING:
     from adag.models.model import Model
+
+log = logging.getLogger(__name__)
 
 _BATCH = 32
 """Prompts per forward pass while filtering."""
@@ -305,8 +308,44 @@ def capitals(model: Model, n: int = 20, *, seed: int = 0) -> list[PromptPair]:
 TASKS: dict[str, Callable[..., list[PromptPair]]] = {"ioi": ioi, "capitals": capitals}
 
 
-def make_task(name: str, model: Model, n: int, *, seed: int = 0) -> list[PromptPair]:
-    """The built-in task ``name`` (one of :data:`TASKS`) with up to ``n`` pairs."""
+def max_pairs(name: str, model: Model) -> int:
+    """An upper bound on the pairs task ``name`` can make with ``model``'s tokenizer, from the
+    tokenizer alone (no forward pass): ``ioi`` draws each pair from a distinct (template,
+    indirect object, subject, name order), ``capitals`` from a distinct (template, country,
+    other country)."""
     if name not in TASKS:
         raise AdagError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
-    return TASKS[name](model, n, seed=seed)
+    _check(model, 1, name)
+    if name == "ioi":
+        k = len(_single_tokens(model, NAMES))
+        return len(IOI_TEMPLATES) * k * (k - 1) * 2
+    k = len(_single_tokens(model, [cap for _, cap in CAPITALS]))
+    return len(CAPITAL_TEMPLATES) * k * (k - 1)
+
+
+def make_task(name: str, model: Model, n: int, *, seed: int = 0) -> list[PromptPair]:
+    """The built-in task ``name`` (one of :data:`TASKS`) with up to ``n`` pairs.
+
+    ``n`` above :func:`max_pairs` is refused before any forward pass (the task would run through
+    every candidate for minutes and still fall short); when the model answers fewer than ``n``
+    candidates right, the pairs it made are returned and a warning says how many."""
+    if name not in TASKS:
+        raise AdagError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
+    _check(model, n, name)
+    most = max_pairs(name, model)
+    if n > most:
+        raise AdagError(
+            f"task {name} can make at most {most} pairs with the tokenizer of {model.name!r}, "
+            f"not {n}; ask for fewer, or write prompt pairs in a JSONL file"
+        )
+    pairs = TASKS[name](model, n, seed=seed)
+    if len(pairs) < n:
+        log.warning(
+            "task %s made only %d of the %d pairs asked for: the model %r got its other "
+            "candidates wrong",
+            name,
+            len(pairs),
+            n,
+            model.name,
+        )
+    return pairs

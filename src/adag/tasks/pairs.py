@@ -10,16 +10,18 @@ The file format (DESIGN.md, "Files users write") is JSONL, one object a line::
 
     {"clean": "...", "noise": "...", "answer": " Mary", "foil": " John"}
 
-``answer`` and ``foil`` are single tokens of the model's tokenizer, with their leading space.
+``answer`` and ``foil`` are single tokens of the model's tokenizer, with their leading space. A
+text file (``.txt``, or ``format="text"``) holds the same fields tab-separated, one pair a line.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+import stat
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import torch
 from torch import Tensor
@@ -102,6 +104,15 @@ def _single_token(model: Model, text: str, field: str, where: str) -> int:
     return ids[0]
 
 
+def _same_answer_and_foil(pair: PromptPair, where: str) -> AdagError:
+    """A pair whose foil is its answer would say nothing: logit(answer) - logit(foil) is 0."""
+    return AdagError(
+        f"{where}: answer {pair.answer!r} and foil {pair.foil!r} are the same token, so "
+        f"logit(answer) - logit(foil) is 0 for every node; make the foil the competing token "
+        f"(e.g. the noise prompt's answer)"
+    )
+
+
 def _tokenize(model: Model, pair: PromptPair, where: str) -> TokenizedPair:
     for field in ("clean", "noise"):
         if not getattr(pair, field):
@@ -115,6 +126,8 @@ def _tokenize(model: Model, pair: PromptPair, where: str) -> TokenizedPair:
         )
     answer_id = _single_token(model, pair.answer, "answer", where)
     foil_id = None if pair.foil is None else _single_token(model, pair.foil, "foil", where)
+    if foil_id == answer_id:
+        raise _same_answer_and_foil(pair, where)
     return TokenizedPair(pair, clean, noise, answer_id, foil_id)
 
 
@@ -162,7 +175,7 @@ class _LogitDiff:
         if pair.foil_id is None:
             raise AdagError(
                 f"metric logit_diff needs a foil, but pair {_short(pair.pair.clean)} has none; "
-                f"add a foil token or use metric 'prob'"
+                f"add a foil token or use metric 'prob' (adag patch --metric prob)"
             )
         last = _last(logits, self.name)
         return last[:, pair.answer_id] - last[:, pair.foil_id]
@@ -264,43 +277,139 @@ def _pair_from_json(obj: Any, where: str) -> PromptPair:
     return PromptPair(obj["clean"], obj["noise"], obj["answer"], obj.get("foil"))
 
 
+FORMATS = ("auto", "jsonl", "text")
+"""How a user file is read: ``auto`` decides by :func:`file_format`'s rule."""
+
+T = TypeVar("T")
+
+
+class UserFile(list[T]):
+    """The rows of a file a user gave (a plain list, in file order), with where they came from
+    and the format they were read in (``"jsonl"`` or ``"text"``), so that a caller can say
+    which format was used."""
+
+    def __init__(self, rows: Iterable[T], *, path: str, format: str, why: str) -> None:
+        super().__init__(rows)
+        self.path = path
+        self.format = format
+        """``"jsonl"`` or ``"text"``."""
+        self.why = why
+        """How the format was decided, e.g. ``"its name ends in .jsonl"``."""
+
+
 def read_user_text(path: str | Path, what: str, expected: str) -> str:
-    """The UTF-8 text of a file a user gave, or a one-line error naming it: ``what`` says what
-    the file is (``"prompt file"``), ``expected`` what to give instead (``"a JSONL file"``)."""
+    """The UTF-8 text of a file a user gave (a leading BOM dropped), or a one-line error naming
+    it: ``what`` says what the file is (``"prompt file"``), ``expected`` what to give instead
+    (``"a JSONL file"``).
+
+    Any readable path that is not a directory is read, once: pipes, FIFOs, ``/dev/stdin`` and
+    process substitution (``--prompts <(...)``) included, which ``Path.is_file`` would refuse."""
+    if not str(path).strip():
+        raise AdagError(f"{what} name is empty; give {expected}")
     p = Path(path)
-    if not p.is_file():
-        problem = "is a directory" if p.is_dir() else "does not exist"
-        raise AdagError(f"{what} {str(path)!r} {problem}; give {expected}")
     try:
-        return p.read_text(encoding="utf-8")
+        mode = p.stat().st_mode
+    except FileNotFoundError:
+        raise AdagError(f"{what} {str(path)!r} does not exist; give {expected}") from None
+    except OSError as e:
+        raise AdagError(
+            f"{what} {str(path)!r} cannot be read ({e.strerror}); give {expected}"
+        ) from e
+    if stat.S_ISDIR(mode):
+        raise AdagError(f"{what} {str(path)!r} is a directory; give {expected}")
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise AdagError(
+            f"{what} {str(path)!r} cannot be read ({e.strerror}); give {expected}"
+        ) from e
+    try:
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise AdagError(
             f"{what} {str(path)!r} is not UTF-8 text ({e.reason}); save it as UTF-8"
         ) from e
 
 
-def load_pairs(path: str | Path) -> list[PromptPair]:
-    """Read prompt pairs from a JSONL file (blank lines skipped). Errors name the file and line."""
-    text = read_user_text(path, "prompt-pair file", "a JSONL file")
-    pairs = []
+def nonblank_lines(text: str) -> list[tuple[int, str]]:
+    """The non-blank lines of ``text`` with their 1-based numbers; a BOM starting a line (left
+    by concatenating files saved with one) is dropped."""
+    out = []
     for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
+        line = line.removeprefix("\ufeff")
+        if line.strip():
+            out.append((n, line))
+    return out
+
+
+def _json_object(line: str) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except (ValueError, RecursionError):
+        return False
+
+
+def file_format(path: str | Path, lines: Sequence[tuple[int, str]], format: str) -> tuple[str, str]:
+    """``(format, why)``: the format a user file is read in and how that was decided.
+
+    ``format`` ``"jsonl"`` or ``"text"`` is taken as given. ``"auto"`` decides by the name
+    (``.jsonl`` or ``.json``: JSONL; ``.txt``: text), else by the content: JSONL when the first
+    non-blank line is a JSON object, text otherwise. A file decided as JSONL must be JSONL on
+    every line (errors name the line); it is never read as text behind the user's back."""
+    if format not in FORMATS:
+        raise AdagError(f"unknown file format {format!r}; choose one of {', '.join(FORMATS)}")
+    if format != "auto":
+        return format, f"--format {format}"
+    suffix = Path(path).suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        return "jsonl", f"its name ends in {suffix}"
+    if suffix == ".txt":
+        return "text", "its name ends in .txt"
+    if lines and _json_object(lines[0][1]):
+        return "jsonl", "its first line is a JSON object"
+    return "text", "its first line is not a JSON object"
+
+
+_TSV = "clean<TAB>noise<TAB>answer[<TAB>foil]"
+
+
+def load_pairs(path: str | Path, *, format: str = "auto") -> UserFile[PromptPair]:
+    """Read prompt pairs from a JSONL file, or (``format="text"``, or a ``.txt`` name) one pair a
+    line as ``clean<TAB>noise<TAB>answer[<TAB>foil]``; blank lines are skipped. ``format``:
+    ``"auto"`` (:func:`file_format`), ``"jsonl"`` or ``"text"``; the result's ``.format`` says
+    which was used. Errors name the file and line."""
+    text = read_user_text(path, "prompt-pair file", "a JSONL or tab-separated text file")
+    lines = nonblank_lines(text)
+    fmt, why = file_format(path, lines, format)
+    pairs = []
+    for n, line in lines:
         where = f"{path}:{n}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise AdagError(
-                f"{where}: not valid JSON ({e.msg} at column {e.colno}); "
-                f"write one JSON object per line"
-            ) from e
-        pairs.append(_pair_from_json(obj, where))
+        if fmt == "text":
+            fields = line.split("\t")
+            if len(fields) not in (3, 4):
+                raise AdagError(
+                    f"{where}: expected {_TSV} (3 or 4 tab-separated fields), got {len(fields)}; "
+                    f"read as text because {why} (pass --format jsonl for JSONL)"
+                )
+            pair = PromptPair(*fields)
+        else:
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise AdagError(
+                    f"{where}: not valid JSON ({e.msg} at column {e.colno}); "
+                    f"write one JSON object per line (read as JSONL because {why})"
+                ) from e
+            pair = _pair_from_json(obj, where)
+        if pair.foil is not None and pair.foil == pair.answer:
+            raise _same_answer_and_foil(pair, where)
+        pairs.append(pair)
     if not pairs:
         raise AdagError(
             f'no prompt pairs in {path}; write one JSON object a line: {{"clean": ..., '
             f'"noise": ..., "answer": " Mary", "foil": " John"}}'
         )
-    return pairs
+    return UserFile(pairs, path=str(path), format=fmt, why=why)
 
 
 def save_pairs(pairs: Sequence[PromptPair], path: str | Path) -> None:
