@@ -52,6 +52,8 @@ bench: $(STAMP)
 	$(PY) bench/bench_foundation.py
 	$(PY) bench/bench_patching.py --n-pairs 4
 	$(PY) bench/bench_trace.py --prompts 8 --naive-prompts 2
+	OMP_NUM_THREADS=2 $(PY) bench/bench_clusters.py
+	$(PY) bench/bench_pipeline.py --n 40
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -26,6 +26,8 @@ SMOLLM2_MODULES = {
     "test_docs",
     "test_smollm2",
     "test_rundir",
+    "test_datasets",
+    "test_cluster_cli",
 }
 """Modules that load SmolLM2 through the CLI or the README, not through the fixture."""
 SMOLLM2_TESTS = {"test_load.py::test_gguf_conversion_is_atomic_and_cached"}
@@ -36,6 +38,8 @@ CACHED_LOADER_MODULES = {
     "test_trace_cli",
     "test_docs",
     "test_rundir",
+    "test_datasets",
+    "test_cluster_cli",
 }
 """Modules whose ``load_model("smollm2-135m")`` returns the session's model (see
 :func:`cached_smollm2_loader`)."""

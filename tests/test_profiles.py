@@ -21,7 +21,20 @@ def test_profile_table_matches_graph(tmp_path):
     ids = [torch.randint(0, 61, (n,), generator=torch.Generator().manual_seed(n)) for n in (7, 9)]
     gs = trace(m, ids, k=2, node_threshold=0.02)
     gs[1].settings["excluded_positions"] = [0]  # as for a BOS
-    t = profile(gs, prompt_ids=["a", "b"]).to_pandas()
+    table = profile(gs, prompt_ids=["a", "b"])
+    assert table.column_names == [
+        "prompt_id",
+        "node",
+        "layer",
+        "activation",
+        "side",
+        "position",
+        "target_id",
+        "token",
+        "value",
+        "raw",
+    ]
+    t = table.to_pandas()
     for pid, g in zip(["a", "b"], gs, strict=True):
         rows = np.flatnonzero(g.mask("neuron"))
         sub = t[t.prompt_id == pid]
@@ -34,6 +47,9 @@ def test_profile_table_matches_graph(tmp_path):
         assert inp.position.tolist() == pos
         np.testing.assert_allclose(inp.raw, g.input_attr[r, pos])
         np.testing.assert_allclose(inp.value, g.input_attr[r, pos] / g.node_activation[r])
+        # every row of a node carries its activation (whose sign decides its clustering unit)
+        act = dict(zip(g.node_ids, g.node_activation.tolist(), strict=True))
+        assert sub.activation.tolist() == [act[n] for n in sub.node]
         out = sub[(sub.node == node) & (sub.side == "output")]
         assert out.target_id.tolist() == g.target_ids.tolist()
         np.testing.assert_allclose(out.value, g.output_attr[r] / g.target_logits)

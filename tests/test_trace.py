@@ -380,7 +380,7 @@ def test_refuses_runs_that_would_say_nothing(tiny: Model, ids, tmp_path):
 
 
 def test_seed_is_joined_with_one_space():
-    from adag.graphs.trace import join_seed
+    from adag.tasks.prompts import join_seed
 
     assert join_seed("Q?", "Answer:") == "Q? Answer:"
     assert join_seed("Q? ", "Answer:") == "Q? Answer:"

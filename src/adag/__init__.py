@@ -34,9 +34,15 @@ Where things live (each layer imports only from the ones above it):
 - ``graphs.prune``      influence pruning (circuit-tracer's rule)
 - ``graphs.export``     circuit-tracer / Neuronpedia viewer JSON (write-only) and its index
 - ``profiles``          attribution profiles of graph nodes (long table)
+- ``clusters``          ADAG's multi-view similarity (``similarity``), spectral clustering and
+                        baselines (``spectral``), diagnostics, the Clusters type, behaviour
+                        correlation, plots
+- ``steer``             steering units and clusters by a factor, steered generation, the summary
 - ``pipeline.resume``   resume keys: a stage skips outputs written under the same key
 - ``pipeline.trace``    the trace stage: graphs/, viewer/, profiles.parquet of a run directory
 - ``pipeline.patch``    the patch stage: patching/ tables, plots and evaluation
+- ``pipeline.cluster``  the cluster stage: clusters.json, cluster profiles, plots, supernodes
+- ``pipeline.steer``    the steer stage: steering.parquet and its summary
 - ``cli``               the ``adag`` command (typer), one error handler for every command
 """
 
@@ -61,27 +67,39 @@ _EXPORTS = {
     "trace": "adag.graphs.trace",
     "Graph": "adag.graphs.graph",
     "profile": "adag.profiles",
+    "TraceConfig": "adag.graphs.config",
+    "cluster": "adag.clusters",
+    "Clusters": "adag.clusters",
+    "steer": "adag.steer",
+    "generate": "adag.steer",
 }
 
 __all__ = [
     "AdagError",
+    "Clusters",
     "Graph",
     "Model",
     "NodeScores",
     "Patch",
     "PromptPair",
     "SiteRun",
+    "TraceConfig",
     "__version__",
     "atp",
     "atp_star",
+    "cluster",
+    "generate",
     "linearize",
     "load_model",
     "profile",
+    "steer",
     "trace",
 ]
 
 if TYPE_CHECKING:
+    from adag.clusters import Clusters, cluster
     from adag.errors import AdagError
+    from adag.graphs.config import TraceConfig
     from adag.graphs.graph import Graph
     from adag.graphs.trace import trace
     from adag.models.linear import linearize
@@ -91,6 +109,7 @@ if TYPE_CHECKING:
     from adag.patching.atp import atp, atp_star
     from adag.patching.scores import NodeScores
     from adag.profiles import profile
+    from adag.steer import generate, steer
     from adag.tasks.pairs import PromptPair
 
 

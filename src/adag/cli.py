@@ -170,6 +170,82 @@ def predict(
     Console().print(t)
 
 
+@app.command("dataset")
+def dataset_cmd(
+    name: Annotated[str, typer.Argument(help="capitals, capitals_2hop, math, antonyms or ioi")],
+    model: ModelArg,
+    out: Annotated[str, typer.Option("--out", help="the prompts file to write (FILE.jsonl)")],
+    n: Annotated[
+        int | None,
+        typer.Option("--n", help="at most this many prompts (default: all; 100 for math, ioi)"),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="the order in which candidates are drawn")] = 0,
+    no_check: Annotated[
+        bool, typer.Option("--no-check", help="keep every candidate, answered right or not")
+    ] = False,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
+    as_json: JsonOpt = False,
+) -> None:
+    """Make a prompt dataset, keeping the prompts MODEL answers right, and write it as prompts
+    JSONL (prompt, seed, label) for adag trace --prompts."""
+    from adag.models.load import load_model
+    from adag.tasks.datasets import DATASETS, make_dataset
+    from adag.tasks.prompts import write_prompts
+
+    if name not in DATASETS:
+        raise AdagError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    if n is not None and n < 1:
+        raise AdagError(f"--n must be at least 1, got {n}")
+    if not out.strip():
+        raise AdagError("--out is empty; give a file, e.g. --out prompts.jsonl")
+    if not out.endswith(".jsonl"):
+        raise AdagError(
+            f"--out {out!r} must end in .jsonl (adag reads prompts files by their name)"
+        )
+    if Path(out).is_dir():
+        raise AdagError(f"--out {out!r} is a directory; give a file, e.g. {out}/prompts.jsonl")
+    m = load_model(model, dtype=dtype, device=device)
+    err = Console(stderr=True)
+    with err.status(f"making {name} on {m.name}"):
+        specs = make_dataset(name, m, n, seed=seed, check=not no_check)
+    path = write_prompts(specs, out)
+    summary = {
+        "dataset": name,
+        "model": m.name,
+        "n": n,
+        "seed": seed,
+        "checked": specs.checked,
+        "tried": specs.tried,
+        "kept": len(specs),
+        "chat": specs.chat,
+        "out": str(path),
+    }
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    t = Table(title=f"{m.name}: dataset {name}")
+    for col in ("candidates tried", "kept", "checked", "meant for"):
+        t.add_column(col)
+    t.add_row(
+        str(specs.tried),
+        str(len(specs)),
+        "yes" if specs.checked else "no (--no-check)",
+        "--chat" if specs.chat else "raw prompts",
+    )
+    console = Console()
+    console.print(t)
+    console.print(f"wrote {len(specs)} prompts to {path}", markup=False, highlight=False)
+    if specs.chat:
+        console.print(
+            f"trace them with the chat template: adag trace {model} --prompts {path} --chat "
+            "--out RUN_DIR",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
 @app.command()
 def patch(
     model: ModelArg,
@@ -422,6 +498,178 @@ def _rerun_line(run_dir: Path, result: dict[str, Any]) -> str:
     if result["stale_temps"]:
         line += f"; removed {len(result['stale_temps'])} temp file(s) of a killed run"
     return line
+
+
+@app.command("cluster")
+def cluster_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory with graphs (adag trace)")],
+    n_clusters: Annotated[int, typer.Option(help="how many clusters")] = 16,
+    method: Annotated[
+        str, typer.Option(help="multiview (ADAG), kmeans, agglomerative or random")
+    ] = "multiview",
+    seed: Annotated[int, typer.Option(help="k-means seed")] = 42,
+    force: Annotated[bool, typer.Option("--force", help="recompute even when current")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Cluster the neurons of a run's graphs (ADAG's multi-view spectral clustering); writes
+    clusters.json, cluster profiles, plots and the viewer's supernodes."""
+    from adag.pipeline.cluster import cluster_stage
+
+    err = Console(stderr=True)
+    with err.status("clustering"):
+        result = cluster_stage(
+            run_dir, n_clusters=n_clusters, method=method, seed=seed, force=force
+        )
+    if as_json:
+        typer.echo(json.dumps(result, indent=2, default=float))
+        return
+    t = Table(
+        title=f"{result['method']}: {result['n_units']} units in {result['n_clusters']} clusters"
+    )
+    t.add_column("cluster")
+    t.add_column("units", justify="right")
+    for name, size in result["sizes"].items():
+        t.add_row(name, str(size))
+    console = Console()
+    console.print(t)
+    diag = ", ".join(
+        f"{k} {v:.3f}" for k, v in result["diagnostics"].items() if isinstance(v, float)
+    )
+    console.print(diag)
+    console.print(("reused " if result["reused"] else "wrote ") + result["clusters"])
+
+
+def _scale_opt(text: str) -> tuple[float, ...]:
+    from adag.pipeline.steer import parse_scale
+
+    return parse_scale(text)
+
+
+@app.command("steer")
+def steer_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory with graphs and clusters")],
+    cluster: Annotated[
+        list[str] | None, typer.Option("--cluster", help="steer only this cluster (repeatable)")
+    ] = None,
+    scale: Annotated[str, typer.Option(help="comma-separated factors")] = "0,2",
+    k: Annotated[int, typer.Option("-k", "--k", help="also report the top-k tokens")] = 5,
+    batch_size: Annotated[int, typer.Option(help="rows per forward pass")] = 16,
+    device: DeviceOpt = "cpu",
+    force: Annotated[bool, typer.Option("--force", help="recompute even when current")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Validate clusters by steering: multiply each cluster's neurons by each factor on the run's
+    prompts; writes steering.parquet, steering-summary.parquet and steering.png."""
+    from rich.progress import Progress
+
+    from adag.models.load import load_model
+    from adag.pipeline.cluster import run_graphs
+    from adag.pipeline.steer import steer_stage
+
+    factors = _scale_opt(scale)
+    _, graphs = run_graphs(run_dir)
+    settings = graphs[0].settings
+    if not settings.get("model"):
+        raise AdagError(f"the graphs of {run_dir} do not record their model; trace them again")
+    m = load_model(settings["model"], dtype=settings.get("dtype", "float32"), device=device)
+    err = Console(stderr=True)
+    with Progress(console=err, transient=True, disable=not err.is_terminal) as bar:
+        task = bar.add_task("steering", total=len(cluster) if cluster else None)
+        result = steer_stage(
+            m,
+            run_dir,
+            clusters=cluster,
+            scale=factors,
+            k=k,
+            batch_size=batch_size,
+            force=force,
+            progress=lambda n: bar.advance(task, n),
+        )
+    if as_json:
+        typer.echo(json.dumps(result, indent=2, default=float))
+        return
+    rows = result["summary"]
+    t = Table(title=f"steering {run_dir}: change of the mean target probability")
+    cols = [
+        c
+        for c in (
+            "label",
+            "factor",
+            "n",
+            "prob_base",
+            "dprob",
+            "dprob_lo",
+            "dprob_hi",
+            "share_down",
+            "kl",
+        )
+        if rows and c in rows[0]
+    ]
+    for col in cols:
+        t.add_column(col)
+    for row in rows:
+        t.add_row(*(f"{row[c]:+.4f}" if isinstance(row[c], float) else str(row[c]) for c in cols))
+    console = Console()
+    console.print(t)
+    console.print(("reused " if result["reused"] else "wrote ") + result["steering"])
+
+
+def _steer_spec(spec: str) -> tuple[Path, str, float]:
+    """``RUN_DIR:C3x0`` -> (run dir, cluster, factor)."""
+    run, sep, rest = spec.rpartition(":")
+    name, x, factor = rest.partition("x")
+    try:
+        value = float(factor)
+    except ValueError:
+        value = float("nan")
+    if not sep or not run or not name or not x or value != value:
+        raise AdagError(f"bad --steer {spec!r}; give RUN_DIR:CLUSTERxFACTOR, e.g. runs/x:C3x0")
+    return Path(run), name, value
+
+
+@app.command()
+def generate(
+    model: ModelArg,
+    prompt: Annotated[str, typer.Argument(help="the prompt")],
+    steer: Annotated[
+        list[str] | None,
+        typer.Option("--steer", help="RUN_DIR:CLUSTERxFACTOR, e.g. runs/x:C3x0 (repeatable)"),
+    ] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="tokens to generate")] = 20,
+    temperature: Annotated[float, typer.Option(help="0 = greedy")] = 0.0,
+    seed: Annotated[int, typer.Option(help="sampling seed")] = 0,
+    chat: Annotated[
+        bool, typer.Option("--chat", help="wrap the prompt in the chat template")
+    ] = False,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
+    as_json: JsonOpt = False,
+) -> None:
+    """Generate from PROMPT, optionally with clusters steered on every token."""
+    from adag.clusters import Clusters
+    from adag.models.load import load_model
+    from adag.steer import generate as gen
+    from adag.steer import steering_patches
+
+    specs = [_steer_spec(s) for s in steer or []]
+    loaded = []
+    for run, name, factor in specs:
+        c = Clusters.load(run)
+        if name not in c.names:
+            raise AdagError(
+                f"unknown cluster {name!r} in {run}; it has {c.names[0]}..{c.names[-1]}"
+            )
+        loaded.append((c.members(name), factor))
+    m = load_model(model, dtype=dtype, device=device)
+    patches = [p for units, factor in loaded for p in steering_patches(m, units, factor)]
+    kwargs: dict[str, Any] = dict(
+        max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, chat=chat
+    )
+    text = gen(m, prompt, steer=patches or None, **kwargs)
+    if as_json:
+        typer.echo(json.dumps({"prompt": prompt, "steer": steer or [], "text": text}))
+        return
+    typer.echo(text)
 
 
 def main() -> None:

@@ -52,6 +52,7 @@ from adag.graphs.neurons import MlpNeurons
 from adag.models.linear import linear_replica, linearize, replica_sites, resolve_mlp_rules
 from adag.models.model import Model
 from adag.models.sites import Patch
+from adag.tasks.prompts import assemble_prompt, join_seed
 
 log = logging.getLogger(__name__)
 
@@ -62,42 +63,6 @@ EMBED = "blocks.0.hook_resid_pre"
 
 # ----------------------------------------------------------------------------------------------
 # Inputs
-
-
-def assemble_prompt(
-    model: Model, prompt: str, *, chat: bool = False, seed: str | None = None
-) -> tuple[str, list[int]]:
-    """The text and token ids traced for ``prompt``: the raw prompt, or the model's chat template
-    with ``prompt`` as the user turn and the assistant turn opened; ``seed`` (e.g. ``"Answer:"``)
-    is appended either way (after a space for a raw prompt, see :func:`join_seed`), so the traced
-    position is its last token. Checked against the
-    model's context."""
-    if not prompt.strip():
-        raise AdagError("prompt is empty; give a non-empty prompt")
-    tok = model.tok()
-    if chat:
-        if not getattr(tok, "chat_template", None):
-            raise AdagError(f"model {model.name!r} has no chat template; trace without --chat")
-        text = tok.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
-        )
-        text = str(text) + (seed or "")
-        ids = list(tok(text, add_special_tokens=False)["input_ids"])
-    else:
-        text = join_seed(prompt, seed)
-        ids = model.to_tokens(text)[0].tolist()
-    model.check_tokens(torch.tensor([ids]))
-    return text, ids
-
-
-def join_seed(prompt: str, seed: str | None) -> str:
-    """``prompt`` followed by the seed response, with one space between them unless the prompt
-    ends or the seed starts with whitespace (``"Q?" + "Answer:"`` is ``"Q? Answer:"``)."""
-    if not seed:
-        return prompt
-    if prompt[-1:].isspace() or seed[:1].isspace():
-        return prompt + seed
-    return f"{prompt} {seed}"
 
 
 def prepare(

@@ -144,14 +144,19 @@ def trace_stage(
                 ids,
                 config,
                 prompt=text,
-                extra_settings={"seed_response": spec.seed, "label": spec.label},
+                extra_settings={
+                    "seed_response": spec.seed,
+                    "label": spec.label,
+                    "score": spec.score,
+                },
             )
             g.save(path)
             traced.append(slug)
             rundir.progress.advance()
         else:
-            if g.settings.get("label") != spec.label:  # not content: relabel, do not retrace
-                g.settings["label"] = spec.label
+            notes = {"label": spec.label, "score": spec.score}  # not content: do not retrace
+            if any(g.settings.get(n) != v for n, v in notes.items()):
+                g.settings.update(notes)
                 g.save(path)
             reused.append(slug)
         pruned = prune(
@@ -164,6 +169,7 @@ def trace_stage(
     write_index(viewer_dir, slugs)
     pkey = {
         "stage": "trace",
+        "profiles_version": 2,  # 2: the activation column
         "graphs": [[slug, _digest(graphs_dir / f"{slug}.json")] for slug in slugs],
     }
     if force or not is_current(prof, pkey):

@@ -30,6 +30,7 @@ COLUMNS = (
     "prompt_id",
     "node",
     "layer",
+    "activation",
     "side",
     "position",
     "target_id",
@@ -44,6 +45,8 @@ def profile(graphs: Graph | Sequence[Graph], *, prompt_ids: Sequence[Any] | None
     one row per (prompt, node, side, position-or-target):
 
     ``prompt_id`` (the graph's index, or ``prompt_ids[i]`` as a string), ``node`` (id), ``layer``,
+    ``activation`` (the node's activation ``a_v``, the same on all of its rows; its sign decides
+    the node's clustering unit ``(layer, neuron, sign)``, see :mod:`adag.clusters`),
     ``side`` (``input`` | ``output``), ``position`` (input side; -1 on the output side),
     ``target_id`` (output side; -1 on the input side), ``token`` (the prompt token or the target
     token), ``value`` (the normalised profile) and ``raw`` (its numerator). Positions a graph
@@ -74,6 +77,7 @@ def profile(graphs: Graph | Sequence[Graph], *, prompt_ids: Sequence[Any] | None
             pid,
             np.repeat(ids, P),
             np.repeat(g.node_layer[rows], P),
+            np.repeat(act, P),
             "input",
             np.tile(pos, n),
             np.full(n * P, -1),
@@ -89,6 +93,7 @@ def profile(graphs: Graph | Sequence[Graph], *, prompt_ids: Sequence[Any] | None
             pid,
             np.repeat(ids, K),
             np.repeat(g.node_layer[rows], K),
+            np.repeat(act, K),
             "output",
             np.full(n * K, -1),
             np.tile(g.target_ids, n),
@@ -105,6 +110,7 @@ def profile(graphs: Graph | Sequence[Graph], *, prompt_ids: Sequence[Any] | None
             "prompt_id": pa.array(data["prompt_id"].tolist(), pa.string()),
             "node": pa.array(data["node"].tolist(), pa.string()),
             "layer": pa.array(data["layer"], pa.int64()),
+            "activation": pa.array(data["activation"], pa.float64()),
             "side": pa.array(data["side"].tolist(), pa.string()).dictionary_encode(),
             "position": pa.array(data["position"], pa.int64()),
             "target_id": pa.array(data["target_id"], pa.int64()),
@@ -120,6 +126,7 @@ def _append(
     pid: str,
     node: np.ndarray,
     layer: np.ndarray,
+    activation: np.ndarray,
     side: str,
     position: np.ndarray,
     target: np.ndarray,
@@ -131,6 +138,7 @@ def _append(
     cols["prompt_id"].append(np.full(n, pid, dtype=object))
     cols["node"].append(node)
     cols["layer"].append(layer.astype(np.int64))
+    cols["activation"].append(activation)
     cols["side"].append(np.full(n, side, dtype=object))
     cols["position"].append(position.astype(np.int64))
     cols["target_id"].append(target.astype(np.int64))

@@ -18,9 +18,10 @@ flips sign between clean and noise. Candidates are drawn in a fixed order from `
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -198,18 +199,25 @@ def _none_found(task: str, model: Model, tried: int) -> AdagError:
 # -- tasks -----------------------------------------------------------------------------------------
 
 
-def ioi(model: Model, n: int = 20, *, seed: int = 0) -> list[PromptPair]:
-    """Up to ``n`` indirect-object-identification pairs the model gets right (see module doc).
-
-    Candidates are (template, indirect object, subject, name order) in an order shuffled by
-    ``seed``; at most ``20 * n + 100`` of them are run through the model."""
-    _check(model, n, "ioi")
+def ioi_names(model: Model) -> dict[str, int]:
+    """The IOI names that are one token (with their leading space) for ``model``, with their ids;
+    a one-line error when there are fewer than 5."""
     names = _single_tokens(model, NAMES)
     if len(names) < 5:
         raise AdagError(
             f"task ioi needs 5 single-token names, the tokenizer of {model.name!r} has "
             f"{len(names)}; write prompt pairs in a JSONL file instead"
         )
+    return names
+
+
+def ioi_candidates(names: Iterable[str], seed: int = 0) -> Iterator[PromptPair]:
+    """Every IOI candidate pair over ``names`` (see :func:`ioi_names`), once each: (template,
+    indirect object, subject, name order) in an order shuffled by ``seed``, with the ABC noise
+    prompt drawn in candidate order (so candidate k's noise depends on ``seed`` and k only). The
+    answer is the indirect object, the foil the subject, both with their leading space.
+    :func:`max_pairs` counts them."""
+    names = list(names)
     rng = random.Random(seed)
     space = [
         (t, io, s, abb)
@@ -220,20 +228,30 @@ def ioi(model: Model, n: int = 20, *, seed: int = 0) -> list[PromptPair]:
         for abb in (True, False)
     ]
     rng.shuffle(space)
-    budget = min(len(space), 20 * n + 100)
+    for t, io, s, abb in space:
+        c, d, e = rng.sample([x for x in names if x not in (io, s)], 3)
+        tpl = IOI_TEMPLATES[t]
+        clean = tpl.format(io, s, s) if abb else tpl.format(s, io, s)
+        yield PromptPair(clean, tpl.format(c, d, e), " " + io, " " + s)
+
+
+def ioi(model: Model, n: int = 20, *, seed: int = 0) -> list[PromptPair]:
+    """Up to ``n`` indirect-object-identification pairs the model gets right (see module doc).
+
+    Candidates come from :func:`ioi_candidates`; at most ``20 * n + 100`` of them are run
+    through the model."""
+    _check(model, n, "ioi")
+    names = ioi_names(model)
+    candidates = ioi_candidates(names, seed)
+    budget = min(max_pairs("ioi", model), 20 * n + 100)
     kept: list[PromptPair] = []
     i = 0
     while len(kept) < n and i < budget:
         size = min(_BATCH, budget - i, n - len(kept) + 4)  # acceptance is high: little waste
         cands: list[tuple[PromptPair, int, int]] = []  # (pair, answer id, foil id)
-        for t, io, s, abb in space[i : i + size]:
-            # Drawn in candidate order, so candidate k's noise depends on seed and k only.
-            c, d, e = rng.sample([x for x in names if x not in (io, s)], 3)
-            tpl = IOI_TEMPLATES[t]
-            clean = tpl.format(io, s, s) if abb else tpl.format(s, io, s)
-            pair = PromptPair(clean, tpl.format(c, d, e), " " + io, " " + s)
+        for pair in itertools.islice(candidates, size):
             if _n_tokens(model, pair.clean) == _n_tokens(model, pair.noise):
-                cands.append((pair, names[io], names[s]))
+                cands.append((pair, names[pair.answer[1:]], names[str(pair.foil)[1:]]))
         i += size
         if not cands:
             continue
