@@ -329,9 +329,10 @@ def test_errors_are_one_line(graphs, clusters):
     cases = [
         (lambda: cluster([], n_clusters=2), "no graphs"),
         (lambda: cluster(graphs, n_clusters=10**6), "larger than the number of units"),
-        (lambda: cluster(graphs, n_clusters=0), "at least 1"),
+        (lambda: cluster(graphs, n_clusters=1), "at least 2"),
+        (lambda: cluster(graphs, n_clusters=2, top_m=0), "top_m must be at least 1"),
         (lambda: cluster(graphs, n_clusters=2, method="louvain"), "unknown clustering method"),
-        (lambda: cluster([_planted([])], n_clusters=1), "no neuron nodes"),
+        (lambda: cluster([_planted([])], n_clusters=2), "no neuron nodes"),
         (lambda: cluster(graphs, n_clusters=2, prompt_ids=["a"]), "1 prompt ids for 6 graphs"),
         (
             lambda: cluster(profile(graphs).drop(["activation"]), n_clusters=2),
@@ -371,3 +372,43 @@ def test_plots_write_png(tmp_path, clusters):
     assert not (tmp_path / "bad.png").exists()
     with pytest.raises(AdagError, match="one row, column and label per unit"):
         plot_similarity(c.similarity, c.units[:-1], c.labels[:-1], tmp_path / "bad.png")
+
+
+def test_top_m_covering_every_neighbour_is_exact(graphs, clusters):
+    """``top_m`` no smaller than any unit's neighbour count keeps every pair: same clusters."""
+    wide = cluster(graphs, n_clusters=4, top_m=10**6)
+    assert wide.units == clusters.units and np.array_equal(wide.labels, clusters.labels)
+    assert wide.similarity is not None and clusters.similarity is not None
+    assert (wide.similarity != clusters.similarity).nnz == 0
+
+
+def test_cluster_stage_with_scores_writes_behaviour_and_resumes(graphs, tmp_path):
+    """The stage on a run directory whose graphs carry scores: every file, the behaviour table
+    equal to ``correlate``, supernodes in the viewer, and a rerun that rewrites nothing."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from adag.clusters.behaviour import correlate
+    from adag.pipeline.cluster import cluster_stage
+
+    run = tmp_path / "run"
+    scores = [0.5, 1.0, 3.0, 2.0, 0.0, 1.5]
+    for i, (g, s) in enumerate(zip(graphs, scores, strict=True)):
+        g2 = Graph(**{f: getattr(g, f) for f in g.__dataclass_fields__})
+        g2.settings = {**g.settings, "score": s}
+        g2.save(run / "graphs" / f"{i:04d}-p")
+    res = cluster_stage(run, n_clusters=3)
+    assert not res["reused"] and (run / "behaviour.parquet").exists()
+    saved = sorted(run.glob("graphs/*.json"))
+    loaded = [Graph.load(p) for p in saved]
+    c = Clusters.load(run)
+    want, _ = correlate(c, loaded, scores)
+    got = pq.read_table(run / "behaviour.parquet")
+    np.testing.assert_allclose(got.column("r").to_numpy(), want.column("r").to_numpy())
+    viewer = json.loads((run / "viewer" / "0000-p.json").read_text())
+    assert {s[0] for s in viewer["qParams"]["supernodes"]} <= set(c.names)
+    mtimes = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    assert cluster_stage(run, n_clusters=3)["reused"]
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == mtimes
+    assert not cluster_stage(run, n_clusters=2)["reused"]

@@ -508,6 +508,10 @@ def cluster_cmd(
         str, typer.Option(help="multiview (ADAG), kmeans, agglomerative or random")
     ] = "multiview",
     seed: Annotated[int, typer.Option(help="k-means seed")] = 42,
+    top_m: Annotated[
+        int | None,
+        typer.Option(help="keep each unit's top-m neighbours (large datasets); default exact"),
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="recompute even when current")] = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -518,7 +522,7 @@ def cluster_cmd(
     err = Console(stderr=True)
     with err.status("clustering"):
         result = cluster_stage(
-            run_dir, n_clusters=n_clusters, method=method, seed=seed, force=force
+            run_dir, n_clusters=n_clusters, method=method, seed=seed, top_m=top_m, force=force
         )
     if as_json:
         typer.echo(json.dumps(result, indent=2, default=float))

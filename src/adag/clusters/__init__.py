@@ -575,6 +575,7 @@ def cluster(
     method: str = "multiview",
     seed: int = 42,
     prompt_ids: Sequence[Any] | None = None,
+    top_m: int | None = None,
 ) -> Clusters:
     """Cluster the neuron units of ``graphs_or_profiles`` (a list of :class:`Graph`, or a profile
     table of :func:`adag.profile`) into ``n_clusters`` groups.
@@ -583,10 +584,13 @@ def cluster(
     baseline: ``kmeans`` / ``agglomerative`` (on concatenated profiles) or ``random``.
     ``seed`` fixes k-means and the random assignment. ``prompt_ids`` names the graphs' prompts
     (default ``"0"``, ``"1"``, ...); with a table it selects and orders its prompts.
-    Diagnostics are computed on the multi-view similarity for every method.
+    Diagnostics are computed on the multi-view similarity for every method. ``top_m``: keep only
+    each unit's ``top_m`` most similar neighbours (a pair stays when either end keeps it), for
+    datasets whose exact similarity has too many pairs (see :func:`adag.clusters.similarity`
+    and BENCHMARKS.md); ``None`` is ADAG's exact definition.
 
     Raises a one-line :class:`AdagError` for no graphs, no neuron units, ``n_clusters`` out of
-    ``1..n_units`` or an unknown method.
+    ``2..n_units`` or an unknown method.
     """
     from adag.clusters.diagnostics import diagnostics
     from adag.clusters.similarity import similarity
@@ -596,14 +600,16 @@ def cluster(
         raise AdagError(f"unknown clustering method {method!r}; methods are {', '.join(METHODS)}")
     if isinstance(n_clusters, bool) or not isinstance(n_clusters, int | np.integer):
         raise AdagError(f"n_clusters must be a whole number, got {n_clusters!r}")
-    if n_clusters < 1:
-        raise AdagError(f"n_clusters must be at least 1, got {n_clusters}")
+    if n_clusters < 2:
+        raise AdagError(f"n_clusters must be at least 2, got {n_clusters}")
     given = [p.units for p in _prompts(graphs_or_profiles, prompt_ids)]
     # a prompt without neuron nodes adds nothing to any similarity (nor is it in a profile table)
     prompts = [pu for pu in given if pu.units]
     if not prompts:
         raise AdagError("the graphs have no neuron nodes to cluster; trace with a lower threshold")
-    units, S = similarity(prompts)
+    if top_m is not None and top_m < 1:
+        raise AdagError(f"top_m must be at least 1 (or None for the exact similarity), got {top_m}")
+    units, S = similarity(prompts, top_m=top_m)
     n = len(units)
     if n_clusters > n:
         raise AdagError(
@@ -624,6 +630,7 @@ def cluster(
         "method": method,
         "n_clusters": int(n_clusters),
         "seed": int(seed),
+        "top_m": top_m,
         "n_units": n,
         "n_prompts": len(given),
         "prompt_ids": [pu.prompt_id for pu in given],

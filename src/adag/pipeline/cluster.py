@@ -84,6 +84,7 @@ def cluster_stage(
     n_clusters: int,
     method: str = "multiview",
     seed: int = 42,
+    top_m: int | None = None,
     force: bool = False,
     viewer_node_threshold: float = 0.8,
     viewer_edge_threshold: float = 0.98,
@@ -105,13 +106,16 @@ def cluster_stage(
         "n_clusters": n_clusters,
         "method": method,
         "seed": seed,
+        "top_m": top_m,
         "graphs": graphs_key(run_dir, slugs),
     }
     path = run_dir / CLUSTERS
     if not force and is_current(path, key):
         c = Clusters.load(run_dir)
         return _summary(run_dir, c, reused=True)
-    c = cluster(graphs, n_clusters=n_clusters, method=method, seed=seed, prompt_ids=slugs)
+    c = cluster(
+        graphs, n_clusters=n_clusters, method=method, seed=seed, prompt_ids=slugs, top_m=top_m
+    )
     remove(key_path(path))  # a new clusters.json must never sit beside an old key
     for name in OUTPUTS:
         remove(run_dir / name)

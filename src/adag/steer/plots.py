@@ -25,6 +25,7 @@ def plot_steering(
 
     Uses ``matplotlib.figure.Figure`` with the Agg canvas (no ``pyplot``): no display needed and
     the caller's global backend is left alone."""
+    import matplotlib
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -38,10 +39,11 @@ def plot_steering(
         raise AdagError("the steering summary is empty; nothing to plot")
     d = summary.to_pydict()
     labels = list(dict.fromkeys(d["label"]))
-    fig = Figure(figsize=(7, 4.5), dpi=100)
+    fig = Figure(figsize=(8, 4.5), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    for label in labels:
+    colours = matplotlib.colormaps["tab20" if len(labels) > 10 else "tab10"]
+    for i, label in enumerate(labels):
         rows = sorted(
             (r for r, lab in enumerate(d["label"]) if lab == label), key=lambda r: d["factor"][r]
         )
@@ -50,14 +52,23 @@ def plot_steering(
         lo = np.array([d["dprob_lo"][r] for r in rows])
         hi = np.array([d["dprob_hi"][r] for r in rows])
         yerr = np.vstack([np.maximum(y - lo, 0.0), np.maximum(hi - y, 0.0)])
-        ax.errorbar(x, y, yerr=yerr, marker="o", capsize=4, label=label or "(no label)")
+        ax.errorbar(
+            x,
+            y,
+            yerr=yerr,
+            marker="o",
+            capsize=4,
+            label=label or "(no label)",
+            color=colours(i % colours.N),
+        )
     ax.axhline(0.0, color="grey", linestyle="--", linewidth=1)
     ax.set_xlabel("steering factor")
     ax.set_ylabel("Δ mean target probability")
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     if len(labels) > 1 or labels[0]:
-        ax.legend(fontsize="small")
+        # beside the axes: with many clusters a legend inside hides the lines
+        ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     return save_figure(fig, path)
 
