@@ -41,6 +41,7 @@ from adag.clusters.units import PromptUnits, Unit, parse_unit, prompt_units, uni
 from adag.errors import AdagError
 from adag.graphs.graph import Graph
 from adag.io import shown, write_bytes, write_text
+from adag.profiles import COLUMNS as NODE_PROFILE_COLUMNS
 
 METHODS = ("multiview", "kmeans", "agglomerative", "random")
 """``multiview``: ADAG's spectral clustering of the multi-view similarity; the others are the
@@ -446,17 +447,7 @@ def _prompts(graphs_or_profiles: Any, prompt_ids: Sequence[Any] | None) -> list[
     return out
 
 
-_TABLE_NEEDS = (
-    "prompt_id",
-    "node",
-    "layer",
-    "activation",
-    "side",
-    "position",
-    "target_id",
-    "token",
-    "value",
-)
+_TABLE_NEEDS = tuple(c for c in NODE_PROFILE_COLUMNS if c != "raw")
 
 
 def _table_prompts(table: Any, prompt_ids: Sequence[Any] | None) -> list[_Prompt]:

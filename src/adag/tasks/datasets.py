@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from adag.errors import AdagError
-from adag.tasks.builtin import ioi_candidates, ioi_names, max_pairs
+from adag.tasks.builtin import CAPITALS, ioi_candidates, ioi_names, max_pairs
 from adag.tasks.prompts import PromptSpec, write_prompts
 
 if TYPE_CHECKING:
@@ -67,45 +67,7 @@ _BATCH = 32
 # The 39 countries of the built-in capitals task, then more. A multi-token capital is fine: the
 # target is its first token.
 COUNTRIES = (
-    ("France", "Paris"),
-    ("Germany", "Berlin"),
-    ("Italy", "Rome"),
-    ("Spain", "Madrid"),
-    ("Japan", "Tokyo"),
-    ("China", "Beijing"),
-    ("Russia", "Moscow"),
-    ("England", "London"),
-    ("Egypt", "Cairo"),
-    ("Greece", "Athens"),
-    ("Portugal", "Lisbon"),
-    ("Austria", "Vienna"),
-    ("Ireland", "Dublin"),
-    ("Norway", "Oslo"),
-    ("Sweden", "Stockholm"),
-    ("Poland", "Warsaw"),
-    ("Hungary", "Budapest"),
-    ("Canada", "Ottawa"),
-    ("Australia", "Canberra"),
-    ("Kenya", "Nairobi"),
-    ("Peru", "Lima"),
-    ("Cuba", "Havana"),
-    ("Iran", "Tehran"),
-    ("Iraq", "Baghdad"),
-    ("Belgium", "Brussels"),
-    ("Finland", "Helsinki"),
-    ("Denmark", "Copenhagen"),
-    ("Chile", "Santiago"),
-    ("Syria", "Damascus"),
-    ("Switzerland", "Bern"),
-    ("the Netherlands", "Amsterdam"),
-    ("Scotland", "Edinburgh"),
-    ("Wales", "Cardiff"),
-    ("Afghanistan", "Kabul"),
-    ("South Korea", "Seoul"),
-    ("the Philippines", "Manila"),
-    ("Bulgaria", "Sofia"),
-    ("Tunisia", "Tunis"),
-    ("the Czech Republic", "Prague"),
+    *CAPITALS,
     ("the United Kingdom", "London"),
     ("the United States", "Washington"),
     ("India", "New Delhi"),
