@@ -412,3 +412,27 @@ def test_cluster_stage_with_scores_writes_behaviour_and_resumes(graphs, tmp_path
     assert cluster_stage(run, n_clusters=3)["reused"]
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == mtimes
     assert not cluster_stage(run, n_clusters=2)["reused"]
+
+
+def test_cluster_stage_restores_supernodes_and_skips_constant_scores(graphs, tmp_path):
+    """A trace rerun rewrites the viewer files without supernodes: the reused cluster stage puts
+    them back. Scores that never vary have nothing to correlate: no behaviour table, no error."""
+    import json
+
+    from adag.graphs.export import write_viewer
+    from adag.graphs.prune import prune
+    from adag.pipeline.cluster import cluster_stage
+
+    run = tmp_path / "run"
+    for i, g in enumerate(graphs):
+        g2 = Graph(**{f: getattr(g, f) for f in g.__dataclass_fields__})
+        g2.settings = {**g.settings, "score": 1.0}
+        g2.save(run / "graphs" / f"{i:04d}-p")
+    cluster_stage(run, n_clusters=3)
+    assert not (run / "behaviour.parquet").exists()
+    viewer = run / "viewer" / "0000-p.json"
+    with_clusters = viewer.read_text()
+    write_viewer(prune(Graph.load(run / "graphs" / "0000-p")), run / "viewer", slug="0000-p")
+    assert json.loads(viewer.read_text())["qParams"]["supernodes"] == []
+    assert cluster_stage(run, n_clusters=3)["reused"]
+    assert viewer.read_text() == with_clusters

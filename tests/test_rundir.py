@@ -281,10 +281,17 @@ def test_rerun_replaces_what_other_prompts_and_settings_decide(tmp_path, monkeyp
     r = runner.invoke(app, [*trace_args(first, run), "--json"])
     assert r.exit_code == 0, r.output
     assert len(json.loads(r.stdout)["traced"]) == 3
-    # other prompts: the common one is reused, the new one traced, the others removed
+    # other prompts: the common one is reused, the new one traced, the others removed; files a
+    # user keeps in the run's folders are not the stage's and stay
+    mine = [run / "graphs" / "notes.json", run / "viewer" / "config.json"]
+    for f in mine:
+        f.write_text('{"mine": true}', encoding="utf-8")
     second = prompts_file(tmp_path / "b.txt", "France", "Japan")
     r = runner.invoke(app, trace_args(second, run))
     assert r.exit_code == 0, r.output
+    assert all(f.read_text(encoding="utf-8") == '{"mine": true}' for f in mine)
+    for f in mine:
+        f.unlink()
     slugs = ["0000-the-capital-of-france-is", "0001-the-capital-of-japan-is"]
     line = next(x for x in r.stdout.splitlines() if x.startswith("graphs in "))
     assert line == (

@@ -387,3 +387,12 @@ def test_seed_is_joined_with_one_space():
     assert join_seed("Q?", " Answer:") == "Q? Answer:"
     assert join_seed("Q?\n", "A:") == "Q?\nA:"
     assert join_seed("Q?", None) == join_seed("Q?", "") == "Q?"
+
+
+def test_one_target_is_a_target_not_its_characters(tiny: Model, ids):
+    from adag.graphs.config import TraceConfig
+
+    assert TraceConfig(targets=" Paris").targets == [" Paris"]
+    assert trace(tiny, ids, targets=7)[0] == trace(tiny, ids, targets=[7])[0]
+    with pytest.raises(AdagError, match="targets must be token strings or ids"):
+        TraceConfig(targets={7}.__iter__())  # type: ignore[arg-type]

@@ -57,6 +57,10 @@ _SHIFT = 32
 # -- per-prompt views ---------------------------------------------------------------------------
 
 
+TRIU_CACHE_MAX = 256
+"""Largest block side whose upper-triangle indices the striped accumulation caches."""
+
+
 def normalise_input(x: np.ndarray) -> np.ndarray:
     """(m, T) input profiles -> each row divided by its signed sum (unless 0), then L2-normalised;
     all-zero rows stay zero."""
@@ -240,10 +244,14 @@ def _stripe_pairs(
                 continue
             if pr.label is None:
                 # the strict upper triangle of the (h, s) block, row-major, is a prefix of that
-                # of the (s, s) block: cached per s
-                if s not in triu:
-                    triu[s] = np.flatnonzero(np.triu(np.ones((s, s), dtype=bool), k=1))
-                flat = triu[s][: h * (s - 1) - h * (h - 1) // 2]
+                # of the (s, s) block: cached per s, for small s only (the cache of every s up
+                # to M would take ~4 M³/3 bytes)
+                if s <= TRIU_CACHE_MAX:
+                    if s not in triu:
+                        triu[s] = np.flatnonzero(np.triu(np.ones((s, s), dtype=bool), k=1))
+                    flat = triu[s][: h * (s - 1) - h * (h - 1) // 2]
+                else:
+                    flat = np.flatnonzero(np.arange(s)[None, :] > np.arange(h)[:, None])
             else:
                 mask = np.arange(s)[None, :] > np.arange(h)[:, None]  # (h, s) strict upper
                 mask &= pr.label[lo:hi, None] == pr.label[None, lo:]

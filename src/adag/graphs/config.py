@@ -58,6 +58,13 @@ class TraceConfig:
     )
 
     def __post_init__(self) -> None:
+        if isinstance(self.targets, str | int):  # one target, not the characters of a string
+            object.__setattr__(self, "targets", [self.targets])
+        if self.targets is not None and not isinstance(self.targets, Mapping | list | tuple):
+            raise AdagError(
+                f"targets must be token strings or ids in a list, or {{token: coefficient}}, "
+                f"got {type(self.targets).__name__}"
+            )
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
             raise AdagError(f"k must be at least 1, got {self.k!r}")
         if not (self.node_threshold >= 0 and self.edge_threshold >= 0):

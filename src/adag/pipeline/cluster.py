@@ -19,14 +19,15 @@ same graphs (their JSON digests), so a rerun recomputes nothing.
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
 from adag.errors import AdagError
-from adag.graphs.export import write_index, write_viewer
+from adag.graphs.export import INDEX_FILE, to_circuit_tracer, write_index
 from adag.graphs.graph import Graph
 from adag.graphs.prune import prune
-from adag.io import remove, write_parquet
+from adag.io import remove, write_parquet, write_text
 from adag.pipeline.resume import is_current, key_path, write_key
 
 CLUSTERS = "clusters.json"
@@ -112,6 +113,9 @@ def cluster_stage(
     path = run_dir / CLUSTERS
     if not force and is_current(path, key):
         c = Clusters.load(run_dir)
+        # a rerun of the trace stage rewrites the viewer files without supernodes: put them back
+        # (cheap, and identical bytes when they are there)
+        _write_viewer(run_dir, slugs, graphs, c, viewer_node_threshold, viewer_edge_threshold)
         return _summary(run_dir, c, reused=True)
     c = cluster(
         graphs, n_clusters=n_clusters, method=method, seed=seed, prompt_ids=slugs, top_m=top_m
@@ -123,20 +127,38 @@ def cluster_stage(
     plot_similarity(c.similarity, c.units, c.labels, run_dir / "clusters-similarity.png")
     plot_sizes_by_layer(c, int(graphs[0].node_layer.max()), run_dir / "clusters-by-layer.png")
     scores = scores_of(graphs)
-    if scores is not None and len(graphs) >= 3:
+    if scores is not None and len(graphs) >= 3 and len(set(scores)) > 1:
         per_cluster, per_unit = correlate(c, graphs, scores)
         write_parquet(per_cluster, run_dir / "behaviour.parquet")
         write_parquet(per_unit, run_dir / "behaviour-units.parquet")
-    viewer = run_dir / "viewer"
-    for slug, g in zip(slugs, graphs, strict=True):
-        pruned = prune(
-            g, node_threshold=viewer_node_threshold, edge_threshold=viewer_edge_threshold
-        )
-        write_viewer(pruned, viewer, slug=slug, supernodes=c.supernodes(pruned))
-    write_index(viewer, slugs)
+    _write_viewer(run_dir, slugs, graphs, c, viewer_node_threshold, viewer_edge_threshold)
     c.save(run_dir)  # clusters.json last: it marks the stage done
     write_key(path, key)
     return _summary(run_dir, c, reused=False)
+
+
+def _write_viewer(
+    run_dir: Path,
+    slugs: list[str],
+    graphs: list[Graph],
+    c: Any,
+    node_threshold: float,
+    edge_threshold: float,
+) -> None:
+    """The viewer files with the clusters as supernodes, and the index; a file that already
+    holds exactly that is left alone (so a reused stage rewrites nothing)."""
+    viewer = run_dir / "viewer"
+    changed = not (viewer / INDEX_FILE).exists()
+    for slug, g in zip(slugs, graphs, strict=True):
+        pruned = prune(g, node_threshold=node_threshold, edge_threshold=edge_threshold)
+        data = to_circuit_tracer(pruned, slug=slug, supernodes=c.supernodes(pruned))
+        text = json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        path = viewer / f"{slug}.json"
+        if not path.exists() or path.read_text(encoding="utf-8") != text:
+            write_text(path, text)
+            changed = True
+    if changed:
+        write_index(viewer, slugs)
 
 
 def _summary(run_dir: Path, c: Any, *, reused: bool) -> dict[str, Any]:

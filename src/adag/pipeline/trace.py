@@ -21,6 +21,7 @@ describing exactly the current prompt list under the current settings:
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -29,6 +30,7 @@ from typing import Any
 
 from adag.errors import AdagError
 from adag.graphs.export import INDEX_FILE, slugify, write_index, write_viewer
+from adag.graphs.graph import FORMAT as GRAPH_FORMAT
 from adag.graphs.graph import Graph
 from adag.graphs.prune import prune
 from adag.graphs.trace import TraceConfig, prepare, trace_tokens
@@ -62,8 +64,26 @@ def _current(path: Path, key: dict[str, Any], ids: list[int]) -> Graph | None:
     return g if matches(g.settings, key) and g.prompt_ids.tolist() == ids else None
 
 
+def _ours(path: Path) -> bool:
+    """Whether ``path`` is a file this stage writes: a graph's JSON (``format: adag-graph``) or
+    tensors beside one, or a viewer graph JSON (``metadata`` and ``nodes``). Anything else a user
+    keeps in these folders is never removed."""
+    if path.suffix == ".safetensors":
+        path = path.with_suffix(".json")
+        if not path.exists():
+            return True  # the tensors of a pair whose JSON a killed run never wrote
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(data, dict):
+        return False
+    return data.get("format") == GRAPH_FORMAT or ("metadata" in data and "nodes" in data)
+
+
 def _stale(graphs: Path, viewer: Path, slugs: Sequence[str]) -> list[str]:
-    """Slugs with a graph file or a viewer file that are not in ``slugs`` (sorted)."""
+    """Slugs with a graph file or a viewer file of this stage that are not in ``slugs``
+    (sorted)."""
     keep = set(slugs)
     found = set()
     for directory, suffixes in ((graphs, GRAPH_SUFFIXES), (viewer, (".json",))):
@@ -72,7 +92,7 @@ def _stale(graphs: Path, viewer: Path, slugs: Sequence[str]) -> list[str]:
         for p in directory.iterdir():
             if p.name.startswith(".") or p.name == INDEX_FILE or p.suffix not in suffixes:
                 continue
-            if p.stem not in keep and p.is_file():
+            if p.stem not in keep and p.is_file() and _ours(p):
                 found.add(p.stem)
     return sorted(found)
 
@@ -131,9 +151,11 @@ def trace_stage(
         for p in (viewer_dir / INDEX_FILE, key_path(prof), prof):
             remove(p)
     for slug in removed:
-        for suffix in GRAPH_SUFFIXES:  # the JSON (the pair's commit mark) first
-            remove(graphs_dir / f"{slug}{suffix}")
-        remove(viewer_dir / f"{slug}.json")
+        files = [graphs_dir / f"{slug}{sfx}" for sfx in GRAPH_SUFFIXES] + [
+            viewer_dir / f"{slug}.json"
+        ]
+        for f in [f for f in files if f.is_file() and _ours(f)]:  # the graph's JSON (its commit
+            remove(f)  # mark) goes first, so a kill here leaves no JSON without its tensors
 
     graphs, reused, traced = [], [], []
     for spec, slug, (text, ids), g in zip(prompts, slugs, assembled, current, strict=True):
