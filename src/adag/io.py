@@ -9,6 +9,7 @@ permission) becomes a one-line :class:`~adag.errors.AdagError` naming the path.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import tempfile
@@ -137,3 +138,15 @@ def save_figure(fig: Any, path: str | os.PathLike[str], **kwargs: Any) -> Path:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", **kwargs)
     return Path(path)
+
+
+def digest(data: bytes) -> dict[str, Any]:
+    """The record a JSON file keeps of the binary file written beside it (a graph's tensors, a
+    clusters unit table), checked on load: ``{"size", "sha256"}``."""
+    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """The SHA-256 of a file's bytes (resume keys name the exact files they were computed
+    from)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

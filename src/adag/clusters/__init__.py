@@ -25,7 +25,6 @@ Where things live:
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import math
@@ -40,7 +39,7 @@ import numpy as np
 from adag.clusters.units import PromptUnits, Unit, parse_unit, prompt_units, unit_name
 from adag.errors import AdagError
 from adag.graphs.graph import Graph
-from adag.io import shown, write_bytes, write_text
+from adag.io import digest, shown, write_bytes, write_text
 from adag.profiles import COLUMNS as NODE_PROFILE_COLUMNS
 
 METHODS = ("multiview", "kmeans", "agglomerative", "random")
@@ -210,11 +209,7 @@ class Clusters:
                 unit_name(u): f"C{lab}" for u, lab in zip(self.units, labels, strict=True)
             },
             "n_prompts": None if self.n_prompts is None else self.n_prompts.tolist(),
-            "unit_table": {
-                "file": PARQUET_FILE,
-                "size": len(data),
-                "sha256": hashlib.sha256(data).hexdigest(),
-            },
+            "unit_table": {"file": PARQUET_FILE, **digest(data)},
         }
         text = json.dumps(meta, ensure_ascii=False, indent=1, allow_nan=False)
         return write_text(d / JSON_FILE, text)
@@ -247,9 +242,8 @@ class Clusters:
                 f"reads version {FORMAT_VERSION}; cluster again"
             )
         record = meta.get("unit_table")
-        if not isinstance(record, dict) or (record.get("size"), record.get("sha256")) != (
-            len(data),
-            hashlib.sha256(data).hexdigest(),
+        if not isinstance(record, dict) or {k: record.get(k) for k in ("size", "sha256")} != digest(
+            data
         ):
             raise AdagError(
                 f"{shown(pq_path)} is not the unit table {shown(js.name)} was saved with (a run "

@@ -47,7 +47,6 @@ and form a DAG. Node rows are in the order embeddings, neurons (by layer, positi
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field, fields
@@ -57,7 +56,7 @@ from typing import Any
 import numpy as np
 
 from adag.errors import AdagError
-from adag.io import shown, write_bytes, write_text
+from adag.io import digest, shown, write_bytes, write_text
 
 FORMAT = "adag-graph"
 FORMAT_VERSION = 2
@@ -285,7 +284,7 @@ class Graph:
         data = save(arrays, metadata={"format": FORMAT, "version": str(FORMAT_VERSION)})
         write_bytes(_with(base, ".safetensors"), data)
         meta: dict[str, Any] = {"format": FORMAT, "version": FORMAT_VERSION}
-        meta["tensors"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        meta["tensors"] = digest(data)
         meta.update({name: getattr(self, name) for name in _JSON})
         meta["metric"] = self.metric
         meta["settings"] = self.settings
@@ -322,10 +321,7 @@ class Graph:
                 f"version {FORMAT_VERSION}; trace the graph again"
             )
         record = meta.get("tensors")
-        if not isinstance(record, dict) or record != {
-            "size": len(data),
-            "sha256": hashlib.sha256(data).hexdigest(),
-        }:
+        if not isinstance(record, dict) or record != digest(data):
             raise AdagError(
                 f"{shown(st)} is not the tensor file {shown(js.name)} was saved with (a run "
                 "stopped between writing the two?); trace the graph again"

@@ -18,7 +18,6 @@ same graphs (their JSON digests), so a rerun recomputes nothing.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from adag.graphs.graph import Graph
 from adag.graphs.prune import prune
 from adag.io import remove, write_parquet, write_text
 from adag.pipeline.resume import is_current, key_path, write_key
+from adag.pipeline.rundir import graphs_key
 
 CLUSTERS = "clusters.json"
 OUTPUTS = (
@@ -60,15 +60,6 @@ def run_graphs(run_dir: Path) -> tuple[list[str], list[Graph]]:
             f"(adag trace MODEL --prompts FILE --out {run_dir})"
         )
     return slugs, [Graph.load(gdir / s) for s in slugs]
-
-
-def graphs_key(run_dir: Path, slugs: list[str]) -> list[list[str]]:
-    """The identity of a run's graphs: each slug with its JSON's digest (which records its
-    tensors' digest)."""
-    return [
-        [s, hashlib.sha256((Path(run_dir) / "graphs" / f"{s}.json").read_bytes()).hexdigest()]
-        for s in slugs
-    ]
 
 
 def scores_of(graphs: list[Graph]) -> list[float] | None:
@@ -108,7 +99,7 @@ def cluster_stage(
         "method": method,
         "seed": seed,
         "top_m": top_m,
-        "graphs": graphs_key(run_dir, slugs),
+        "graphs": graphs_key(run_dir / "graphs", slugs),
     }
     path = run_dir / CLUSTERS
     if not force and is_current(path, key):
@@ -175,4 +166,4 @@ def _summary(run_dir: Path, c: Any, *, reused: bool) -> dict[str, Any]:
     }
 
 
-__all__ = ["cluster_stage", "graphs_key", "run_graphs", "scores_of"]
+__all__ = ["cluster_stage", "run_graphs", "scores_of"]

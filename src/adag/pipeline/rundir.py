@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adag.errors import AdagError
-from adag.io import remove, shown, temp_target
+from adag.io import file_sha256, remove, shown, temp_target
 
-__all__ = ["Progress", "check_writable", "progress", "remove_stale_temps"]
+__all__ = ["Progress", "check_writable", "graphs_key", "progress", "remove_stale_temps"]
 
 
 def _writable(directory: Path) -> bool:
@@ -164,3 +164,9 @@ class Progress:
 
 progress = Progress()
 """The process's :class:`Progress` (stages update it; ``adag``'s Ctrl-C handler reads it)."""
+
+
+def graphs_key(graphs_dir: Path, slugs: Sequence[str]) -> list[list[str]]:
+    """The identity of a run's graphs for resume keys: each slug with its JSON's SHA-256 (the
+    JSON records its tensors' digest, so this names both files)."""
+    return [[s, file_sha256(Path(graphs_dir) / f"{s}.json")] for s in slugs]

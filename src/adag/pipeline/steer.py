@@ -11,17 +11,17 @@ file, clusters, factors and graphs).
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from adag.errors import AdagError
-from adag.io import remove, write_parquet
+from adag.io import file_sha256, remove, write_parquet
 from adag.models.model import Model
-from adag.pipeline.cluster import CLUSTERS, graphs_key, run_graphs
+from adag.pipeline.cluster import CLUSTERS, run_graphs
 from adag.pipeline.resume import is_current, key_path, write_key
+from adag.pipeline.rundir import graphs_key
 
 STEERING = "steering.parquet"
 
@@ -76,11 +76,11 @@ def steer_stage(
             )
     key = {
         "stage": "steer",
-        "clusters_file": hashlib.sha256((run_dir / CLUSTERS).read_bytes()).hexdigest(),
+        "clusters_file": file_sha256(run_dir / CLUSTERS),
         "clusters": names,
         "scale": [float(x) for x in scale],
         "k": k,
-        "graphs": graphs_key(run_dir, slugs),
+        "graphs": graphs_key(run_dir / "graphs", slugs),
     }
     path = run_dir / STEERING
     if not force and is_current(path, key):

@@ -20,7 +20,6 @@ describing exactly the current prompt list under the current settings:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -95,11 +94,6 @@ def _stale(graphs: Path, viewer: Path, slugs: Sequence[str]) -> list[str]:
             if p.stem not in keep and p.is_file() and _ours(p):
                 found.add(p.stem)
     return sorted(found)
-
-
-def _digest(path: Path) -> str:
-    """SHA-256 of a file (a graph's JSON, which records the digest of its tensors)."""
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def trace_stage(
@@ -192,7 +186,7 @@ def trace_stage(
     pkey = {
         "stage": "trace",
         "profiles_version": 2,  # 2: the activation column
-        "graphs": [[slug, _digest(graphs_dir / f"{slug}.json")] for slug in slugs],
+        "graphs": rundir.graphs_key(graphs_dir, slugs),
     }
     if force or not is_current(prof, pkey):
         remove(key_path(prof))  # a new table must never sit beside an old key
