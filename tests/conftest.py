@@ -28,6 +28,7 @@ SMOLLM2_MODULES = {
     "test_rundir",
     "test_datasets",
     "test_cluster_cli",
+    "test_run",
 }
 """Modules that load SmolLM2 through the CLI or the README, not through the fixture."""
 SMOLLM2_TESTS = {"test_load.py::test_gguf_conversion_is_atomic_and_cached"}

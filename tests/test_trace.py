@@ -309,6 +309,11 @@ def test_save_load_round_trip(tiny: Model, ids, tmp_path):
     assert path.name == "p.0.json" and (tmp_path / "graphs" / "p.0.safetensors").exists()
     assert Graph.load(tmp_path / "graphs" / "p.0") == g
     assert Graph.load(path) == g
+    # byte-identical saves (a resumed run must equal an uninterrupted one file for file)
+    blobs = {
+        g.save(tmp_path / f"again{i}").with_suffix(".safetensors").read_bytes() for i in range(8)
+    }
+    assert len(blobs) == 1
 
 
 def test_bad_input(tiny: Model, ids):

@@ -109,6 +109,23 @@ def _read_line(rows: Any, what: str) -> str:
     return f"read {n} {what}{'' if n == 1 else 's'} from {rows.path} ({rows.format})"
 
 
+BackendOpt = Annotated[
+    str,
+    typer.Option("--backend", help="LLM backend: local, openai (any compatible server), anthropic"),
+]
+LlmModelOpt = Annotated[
+    str | None,
+    typer.Option("--llm-model", help="the LLM (local: an adag model name; default smollm2-135m)"),
+]
+BaseUrlOpt = Annotated[
+    str | None,
+    typer.Option("--base-url", help="OpenAI-compatible server, e.g. http://localhost:8000/v1"),
+]
+ApiKeyEnvOpt = Annotated[
+    str | None,
+    typer.Option("--api-key-env", help="environment variable holding the API key (never the key)"),
+]
+
 ForceOpt = Annotated[
     bool, typer.Option("--force", help="redo the stage even where its outputs are current")
 ]
@@ -558,12 +575,26 @@ def steer_cmd(
     scale: Annotated[str, typer.Option(help="comma-separated factors")] = "0,2",
     k: Annotated[int, typer.Option("-k", "--k", help="also report the top-k tokens")] = 5,
     batch_size: Annotated[int, typer.Option(help="rows per forward pass")] = 16,
+    generate: Annotated[
+        int, typer.Option("--generate", help="also sample N steered generations per condition")
+    ] = 0,
+    judge: Annotated[
+        str | None,
+        typer.Option("--judge", help="yes/no rubric asked of each generation (needs --generate)"),
+    ] = None,
+    backend: BackendOpt = "local",
+    llm_model: LlmModelOpt = None,
+    base_url: BaseUrlOpt = None,
+    api_key_env: ApiKeyEnvOpt = None,
+    max_new_tokens: Annotated[int, typer.Option(help="tokens per judged generation")] = 32,
     device: DeviceOpt = "cpu",
     force: Annotated[bool, typer.Option("--force", help="recompute even when current")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Validate clusters by steering: multiply each cluster's neurons by each factor on the run's
-    prompts; writes steering.parquet, steering-summary.parquet and steering.png."""
+    prompts; writes steering.parquet, steering-summary.parquet and steering.png. With
+    --generate N --judge RUBRIC, also N sampled generations per cluster and factor, each judged
+    by an LLM (steering-judged.parquet, success rates with Wilson error bars)."""
     from rich.progress import Progress
 
     from adag.models.load import load_model
@@ -571,6 +602,9 @@ def steer_cmd(
     from adag.pipeline.steer import steer_stage
 
     factors = _scale_opt(scale)
+    if (generate > 0) != bool(judge):
+        raise AdagError("--generate N and --judge RUBRIC go together; give both or neither")
+    llm = _llm_config(backend, llm_model, base_url, api_key_env) if judge else None
     _, graphs = run_graphs(run_dir)
     settings = graphs[0].settings
     if not settings.get("model"):
@@ -589,6 +623,21 @@ def steer_cmd(
             force=force,
             progress=lambda n: bar.advance(task, n),
         )
+    if judge:
+        from adag.pipeline.steer import judge_stage
+
+        with err.status("generating and judging"):
+            result["judge"] = judge_stage(
+                m,
+                run_dir,
+                llm=llm,
+                rubric=judge,
+                n=generate,
+                scale=factors,
+                clusters=cluster,
+                max_new_tokens=max_new_tokens,
+                force=force,
+            )
     if as_json:
         typer.echo(json.dumps(result, indent=2, default=float))
         return
@@ -616,6 +665,195 @@ def steer_cmd(
     console = Console()
     console.print(t)
     console.print(("reused " if result["reused"] else "wrote ") + result["steering"])
+    if "judge" in result:
+        j = Table(title=f"judged generations: {judge!r}")
+        for col in ("cluster", "factor", "n", "rate", "95% CI", "incoherent"):
+            j.add_column(col)
+        for row in result["judge"]["summary"]:
+            j.add_row(
+                row["cluster"],
+                f"{row['factor']:g}",
+                str(row["n"]),
+                _fmt(row["rate"]),
+                f"{_fmt(row['lo'])}..{_fmt(row['hi'])}",
+                _fmt(row["incoherent_rate"]),
+            )
+        console.print(j)
+        console.print(
+            ("reused " if result["judge"]["reused"] else "wrote ") + result["judge"]["judged"]
+        )
+
+
+def _fmt(x: Any, spec: str = ".2f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+@app.command("describe")
+def describe_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory with clusters (adag cluster)")],
+    backend: BackendOpt = "local",
+    llm_model: LlmModelOpt = None,
+    base_url: BaseUrlOpt = None,
+    api_key_env: ApiKeyEnvOpt = None,
+    n_samples: Annotated[int, typer.Option(help="explanations per side and sign")] = 5,
+    concurrency: Annotated[int, typer.Option(help="LLM calls in flight at once")] = 4,
+    timeout: Annotated[float, typer.Option(help="seconds per LLM call")] = 60.0,
+    seed: Annotated[int, typer.Option(help="record sampling seed")] = 0,
+    force: Annotated[bool, typer.Option("--force", help="recompute even when current")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Describe every cluster of a run (ADAG's explainer and simulator, both sides) and label
+    it; writes descriptions.jsonl. LLM answers are cached in RUN_DIR/llm-cache/."""
+    from adag.pipeline.describe import describe_stage
+
+    cfg = _llm_config(backend, llm_model, base_url, api_key_env, concurrency, timeout)
+    err = Console(stderr=True)
+    with err.status("describing") as status:
+        result = describe_stage(
+            run_dir,
+            llm=cfg,
+            n_samples=n_samples,
+            seed=seed,
+            force=force,
+            progress=lambda name: status.update(f"describing: {name} done"),
+        )
+    if as_json:
+        typer.echo(json.dumps(result, indent=2, default=float))
+        return
+    console = Console()
+    console.print(_descriptions_table(result["rows"]))
+    console.print(("reused " if result["reused"] else "wrote ") + result["descriptions"])
+
+
+def _descriptions_table(rows: list[dict[str, Any]]) -> Table:
+    t = Table(title="descriptions (score: Pearson r of the simulation; baselines beside)")
+    for col in ("cluster", "side", "label", "score", "shuffled", "top tokens", "explanation"):
+        t.add_column(col, overflow="fold")
+    for r in rows:
+        t.add_row(
+            r["cluster"],
+            r["side"],
+            r.get("label") or "",
+            _fmt(r.get("score"), "+.2f"),
+            _fmt(r.get("shuffled"), "+.2f"),
+            _fmt(r.get("top_tokens"), "+.2f"),
+            (r.get("explanation") or r.get("status") or "")[:80],
+        )
+    return t
+
+
+def _llm_config(
+    backend: str,
+    model: str | None,
+    base_url: str | None,
+    api_key_env: str | None,
+    concurrency: int = 4,
+    timeout: float = 60.0,
+) -> Any:
+    from pydantic import ValidationError
+
+    from adag.describe.llm import LLMConfig
+
+    fields: dict[str, Any] = {"backend": backend, "concurrency": concurrency, "timeout": timeout}
+    if model is not None:
+        fields["model"] = model
+    elif backend != "local":
+        raise AdagError(f"--backend {backend} needs --llm-model, e.g. --llm-model gpt-4o-mini")
+    if base_url is not None:
+        fields["base_url"] = base_url
+    if api_key_env is not None:
+        fields["api_key_env"] = api_key_env
+    try:
+        return LLMConfig(**fields)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(x) for x in first.get("loc", ()))
+        raise AdagError(f"bad LLM option {where}: {first.get('msg')}") from None
+
+
+@app.command("run")
+def run_cmd(
+    config: Annotated[Path, typer.Argument(help="the run's YAML config (see adag demo)")],
+    out: Annotated[str | None, typer.Option("--out", help="run directory (overrides out:)")] = None,
+    force: Annotated[
+        list[str] | None,
+        typer.Option("--force", help="redo this stage even when current (repeatable)"),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run the whole job of CONFIG into a run directory: dataset, trace, (patch), cluster,
+    describe, steer, report. Finished stages are reused; a killed run resumes."""
+    from adag.pipeline.config import load_config
+
+    cfg = load_config(config)
+    _run_and_show(cfg, out, force or [], as_json)
+
+
+@app.command()
+def demo(
+    out: Annotated[str, typer.Option("--out", help="run directory")] = "runs/demo",
+    force: Annotated[
+        list[str] | None,
+        typer.Option("--force", help="redo this stage even when current (repeatable)"),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """adag run on the built-in capitals dataset with SmolLM2 and the local explainer (16
+    prompts, 8 clusters, 2 explanations per side): prints where the report is."""
+    from adag.pipeline.config import DEMO, parse_config
+
+    _run_and_show(parse_config(DEMO, source="demo"), out, force or [], as_json)
+
+
+def _run_and_show(cfg: Any, out: str | None, force: list[str], as_json: bool) -> None:
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from adag.pipeline.run import run
+
+    err = Console(stderr=True)
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+        disable=not err.is_terminal,
+    ) as bar:
+        tasks: dict[str, Any] = {}
+
+        def say(stage: str, message: str) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=None)
+            bar.update(tasks[stage], description=f"{stage}: {message}")
+            if message.startswith("done"):
+                bar.update(tasks[stage], total=1, completed=1)
+
+        result = run(cfg, out=out, force=force, say=say)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2, default=float))
+        return
+    console = Console()
+    t = Table(title=f"{result.get('model', '')}: {result.get('n_prompts', 0)} prompts")
+    for col in ("cluster", "label", "size", "input r", "output r", "steering"):
+        t.add_column(col, overflow="fold")
+    for c in result.get("clusters", []):
+        steering = c.get("steering") or {}
+        effect = steering.get("dprob") if isinstance(steering, dict) else None
+        t.add_row(
+            c["name"],
+            c.get("label") or "",
+            str(c.get("size", "")),
+            _fmt((c.get("input") or {}).get("score"), "+.2f"),
+            _fmt((c.get("output") or {}).get("score"), "+.2f"),
+            _fmt(effect, "+.3f"),
+        )
+    console.print(t)
+    times = ", ".join(f"{k} {v:.0f} s" for k, v in result["timings"].items())
+    console.print(f"stages: {times}", markup=False, highlight=False, soft_wrap=True)
+    if result["reused"]:
+        console.print(f"reused: {', '.join(result['reused'])}", markup=False, highlight=False)
+    report = Path(result["run_dir"]) / "report.html"
+    console.print(f"report: {report}", markup=False, highlight=False, soft_wrap=True)
 
 
 def _steer_spec(spec: str) -> tuple[Path, str, float]:

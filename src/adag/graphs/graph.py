@@ -281,7 +281,9 @@ class Graph:
 
         base = _base(path)
         arrays = {name: np.ascontiguousarray(getattr(self, name)) for name in ARRAY_FIELDS}
-        data = save(arrays, metadata={"format": FORMAT, "version": str(FORMAT_VERSION)})
+        # one metadata entry: safetensors writes its metadata in a Rust HashMap's random order,
+        # so two entries would make equal graphs differ byte for byte between saves
+        data = save(arrays, metadata={"format": f"{FORMAT}/{FORMAT_VERSION}"})
         write_bytes(_with(base, ".safetensors"), data)
         meta: dict[str, Any] = {"format": FORMAT, "version": FORMAT_VERSION}
         meta["tensors"] = digest(data)

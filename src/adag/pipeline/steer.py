@@ -118,4 +118,175 @@ def steer_stage(
     return {"steering": str(path), "summary": summary.to_pylist(), "reused": False}
 
 
-__all__ = ["STEERING", "parse_scale", "steer_stage"]
+JUDGED = "steering-judged.parquet"
+
+
+def judge_stage(
+    model: Model,
+    run_dir: str | Path,
+    *,
+    llm: Any,
+    rubric: str,
+    incoherence: str | None = None,
+    n: int = 8,
+    scale: Sequence[float] = (0.0, 2.0),
+    clusters: Sequence[str] | None = None,
+    max_new_tokens: int = 32,
+    temperature: float = 1.0,
+    force: bool = False,
+) -> dict[str, Any]:
+    """ADAG's free-form steering check: for every cluster and factor (and the unsteered model),
+    ``n`` sampled generations (sample ``i`` continues the run's prompt ``i mod P`` with seed
+    ``i``), each judged by ``llm`` against ``rubric`` (yes/no) and, when given, ``incoherence``.
+
+    Writes ``steering-judged.parquet`` (one row per generation: ``cluster`` ("none" for the
+    unsteered model), ``factor``, ``sample``, ``prompt_id``, ``response``, ``judged``,
+    ``incoherent`` (null when not judged or failed) and ``failure``) and
+    ``steering-judged-summary.parquet`` (per condition: ``n``, ``k`` and ``rate`` of yes with
+    Wilson 95% bounds ``lo``/``hi``, and the incoherence rate). The generations are cached in the
+    table's key (model, clusters, factors, prompts, sampling); the judge's answers in
+    ``llm-cache/``."""
+    import asyncio
+
+    import pyarrow as pa
+
+    from adag.clusters import Clusters
+    from adag.describe import ajudge
+    from adag.describe.judge import rate
+    from adag.describe.llm import LLMConfig, make_llm
+    from adag.pipeline.describe import CACHE_DIR
+    from adag.steer import generate_ids
+
+    run_dir = Path(run_dir)
+    if not rubric or not rubric.strip():
+        raise AdagError("the judge needs a rubric, e.g. --judge 'Does the text mention Paris?'")
+    if n < 1:
+        raise AdagError(f"--generate must be at least 1, got {n}")
+    slugs, graphs = run_graphs(run_dir)
+    if not (run_dir / CLUSTERS).exists():
+        raise AdagError(
+            f"run directory {run_dir} has no clusters; run adag cluster {run_dir} first"
+        )
+    c = Clusters.load(run_dir)
+    names = list(clusters) if clusters else list(c.names)
+    unknown = [x for x in names if x not in c.names]
+    if unknown:
+        raise AdagError(f"unknown cluster {unknown[0]!r}; this run has {c.names[0]}..{c.names[-1]}")
+    cfg = LLMConfig.model_validate(llm or {})
+    key = {
+        "stage": "judge",
+        "clusters_file": file_sha256(run_dir / CLUSTERS),
+        "clusters": names,
+        "scale": [float(x) for x in scale],
+        "n": n,
+        "max_new_tokens": max_new_tokens,
+        "temperature": temperature,
+        "rubric": rubric,
+        "incoherence": incoherence,
+        "judge": cfg.identity(),
+        "graphs": graphs_key(run_dir / "graphs", slugs),
+    }
+    path = run_dir / JUDGED
+    summary_path = run_dir / "steering-judged-summary.parquet"
+    if not force and is_current(path, key) and summary_path.exists():
+        import pyarrow.parquet as pq
+
+        return {
+            "judged": str(path),
+            "summary": pq.read_table(summary_path).to_pylist(),
+            "reused": True,
+            "usage": {},
+        }
+    tok = model.tok()
+    conditions: list[tuple[str, float]] = [("none", 1.0)]
+    conditions += [(name, float(f)) for name in names for f in scale]
+    rows: list[dict[str, Any]] = []
+    for name, factor in conditions:
+        steer = None if name == "none" else (c.members(name), factor)
+        for i in range(n):
+            g = graphs[i % len(graphs)]
+            new = generate_ids(
+                model,
+                g.prompt_ids.tolist(),
+                steer=steer,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                seed=i,
+            )
+            rows.append(
+                {
+                    "cluster": name,
+                    "factor": factor,
+                    "sample": i,
+                    "prompt_id": slugs[i % len(graphs)],
+                    "response": str(tok.decode(new)),
+                }
+            )
+
+    async def go() -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None, dict[str, Any]]:
+        client = make_llm(
+            cfg, cache_dir=run_dir / CACHE_DIR, model=model if _local(cfg, model) else None
+        )
+        try:
+            responses = [r["response"] for r in rows]
+            judged = await ajudge(responses, rubric, llm=client)
+            incoherent = await ajudge(responses, incoherence, llm=client) if incoherence else None
+        finally:
+            await client.aclose()
+        return judged, incoherent, client.usage.as_dict()
+
+    judged, incoherent, usage = asyncio.run(go())
+    for i, r in enumerate(rows):
+        r["judged"] = judged[i]["answer"] if judged[i]["failure"] is None else None
+        r["incoherent"] = (
+            incoherent[i]["answer"]
+            if incoherent is not None and incoherent[i]["failure"] is None
+            else None
+        )
+        r["failure"] = judged[i]["failure"]
+    table = pa.Table.from_pylist(
+        rows,
+        schema=pa.schema(
+            [
+                ("cluster", pa.string()),
+                ("factor", pa.float64()),
+                ("sample", pa.int64()),
+                ("prompt_id", pa.string()),
+                ("response", pa.string()),
+                ("judged", pa.bool_()),
+                ("incoherent", pa.bool_()),
+                ("failure", pa.string()),
+            ]
+        ),
+    )
+    summary_rows = []
+    for name, factor in conditions:
+        sel = [r for r in rows if r["cluster"] == name and r["factor"] == factor]
+        k, m, p, lo, hi = rate([r["judged"] for r in sel])
+        _, mi, pi, _, _ = rate([r["incoherent"] for r in sel])
+        summary_rows.append(
+            {
+                "cluster": name,
+                "factor": factor,
+                "n": m,
+                "k": k,
+                "rate": p if m else None,
+                "lo": lo if m else None,
+                "hi": hi if m else None,
+                "incoherent_rate": pi if mi else None,
+                "failures": sum(r["failure"] is not None for r in sel),
+            }
+        )
+    summary = pa.Table.from_pylist(summary_rows)
+    remove(key_path(path))
+    write_parquet(summary, summary_path)
+    write_parquet(table, path)  # last: it marks the stage done
+    write_key(path, key)
+    return {"judged": str(path), "summary": summary_rows, "reused": False, "usage": usage}
+
+
+def _local(cfg: Any, model: Model) -> bool:
+    return bool(cfg.backend == "local" and cfg.model == model.name)
+
+
+__all__ = ["JUDGED", "STEERING", "judge_stage", "parse_scale", "steer_stage"]
