@@ -29,6 +29,7 @@ SMOLLM2_MODULES = {
     "test_datasets",
     "test_cluster_cli",
     "test_run",
+    "test_demo",
 }
 """Modules that load SmolLM2 through the CLI or the README, not through the fixture."""
 SMOLLM2_TESTS = {"test_load.py::test_gguf_conversion_is_atomic_and_cached"}
@@ -41,6 +42,7 @@ CACHED_LOADER_MODULES = {
     "test_rundir",
     "test_datasets",
     "test_cluster_cli",
+    "test_demo",
 }
 """Modules whose ``load_model("smollm2-135m")`` returns the session's model (see
 :func:`cached_smollm2_loader`)."""
@@ -164,6 +166,21 @@ def _session_smollm2() -> Model:
 @pytest.fixture(scope="session")
 def smollm2() -> Model:
     return _session_smollm2()
+
+
+SMALL_RUN = Path(__file__).parent / "fixtures" / "run-small.yaml"
+
+
+@pytest.fixture(scope="session")
+def small_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The run directory of ``tests/fixtures/run-small.yaml`` (SmolLM2, local explainer, 4
+    clusters), run once per session: what the report and viewer browser tests read."""
+    from adag.pipeline.config import load_config
+    from adag.pipeline.run import run
+
+    out = tmp_path_factory.mktemp("small-run") / "run"
+    run(load_config(SMALL_RUN), out=out, model=_session_smollm2())
+    return out
 
 
 @pytest.fixture(autouse=True)
