@@ -58,6 +58,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_trace.py --prompts 8 --naive-prompts 2
 	OMP_NUM_THREADS=2 $(PY) bench/bench_clusters.py
 	$(PY) bench/bench_pipeline.py --n 40
+	$(PY) bench/bench_demo.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -37,12 +37,22 @@ Where things live (each layer imports only from the ones above it):
 - ``clusters``          ADAG's multi-view similarity (``similarity``), spectral clustering and
                         baselines (``spectral``), diagnostics, the Clusters type, behaviour
                         correlation, plots
+- ``describe.llm``      one async LLM client protocol (chat; candidate distributions per line) and
+                        its backends: OpenAI-compatible, Anthropic, local; retries, usage
+- ``describe.cache``    the on-disk (SQLite) cache of LLM answers keyed by the whole request
+- ``describe``          ADAG's explainer–simulator on both sides (``records``: activation records,
+                        quantile highlights, rescaling; ``prompts``: the versioned templates and
+                        few-shot data; ``scoring``: Pearson r), baselines, labels; ``judge``
 - ``steer``             steering units and clusters by a factor, steered generation, the summary
 - ``pipeline.resume``   resume keys: a stage skips outputs written under the same key
 - ``pipeline.trace``    the trace stage: graphs/, viewer/, profiles.parquet of a run directory
 - ``pipeline.patch``    the patch stage: patching/ tables, plots and evaluation
 - ``pipeline.cluster``  the cluster stage: clusters.json, cluster profiles, plots, supernodes
-- ``pipeline.steer``    the steer stage: steering.parquet and its summary
+- ``pipeline.steer``    the steer stage: steering.parquet and its summary; judged generations
+- ``pipeline.describe`` the describe stage: descriptions.jsonl, llm-cache/
+- ``pipeline.report``   report.html (self-contained) and summary.json
+- ``pipeline.config``   RunConfig: every stage's settings, validated (pydantic)
+- ``pipeline.run``      adag run: the stages in order, each skipped when current
 - ``cli``               the ``adag`` command (typer), one error handler for every command
 """
 
@@ -72,32 +82,48 @@ _EXPORTS = {
     "Clusters": "adag.clusters",
     "steer": "adag.steer",
     "generate": "adag.steer",
+    "describe": "adag.describe",
+    "Descriptions": "adag.describe",
+    "judge": "adag.describe",
+    "make_llm": "adag.describe.llm",
+    "LLMConfig": "adag.describe.llm",
+    "run": "adag.pipeline.run",
+    "RunConfig": "adag.pipeline.config",
 }
 
 __all__ = [
     "AdagError",
     "Clusters",
+    "Descriptions",
     "Graph",
+    "LLMConfig",
     "Model",
     "NodeScores",
     "Patch",
     "PromptPair",
+    "RunConfig",
     "SiteRun",
     "TraceConfig",
     "__version__",
     "atp",
     "atp_star",
     "cluster",
+    "describe",
     "generate",
+    "judge",
     "linearize",
     "load_model",
+    "make_llm",
     "profile",
+    "run",
     "steer",
     "trace",
 ]
 
 if TYPE_CHECKING:
     from adag.clusters import Clusters, cluster
+    from adag.describe import Descriptions, describe, judge
+    from adag.describe.llm import LLMConfig, make_llm
     from adag.errors import AdagError
     from adag.graphs.config import TraceConfig
     from adag.graphs.graph import Graph
@@ -108,6 +134,8 @@ if TYPE_CHECKING:
     from adag.models.sites import Patch, SiteRun
     from adag.patching.atp import atp, atp_star
     from adag.patching.scores import NodeScores
+    from adag.pipeline.config import RunConfig
+    from adag.pipeline.run import run
     from adag.profiles import profile
     from adag.steer import generate, steer
     from adag.tasks.pairs import PromptPair

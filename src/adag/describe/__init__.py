@@ -55,6 +55,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sys
+import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -689,23 +691,40 @@ def describe(
     from adag.describe.judge import _no_running_loop
 
     _no_running_loop("describe", "adescribe")
-    return asyncio.run(
-        adescribe(
-            clusters,
-            graphs,
-            llm=llm,
-            simulator=simulator,
-            prompt_ids=prompt_ids,
-            n_samples=n_samples,
-            min_highlights=min_highlights,
-            heldout=heldout,
-            sides=sides,
-            names=names,
-            seed=seed,
-            progress=progress,
-            temperature=temperature,
-        )
-    )
 
+    async def go() -> Descriptions:
+        try:
+            return await adescribe(
+                clusters,
+                graphs,
+                llm=llm,
+                simulator=simulator,
+                prompt_ids=prompt_ids,
+                n_samples=n_samples,
+                min_highlights=min_highlights,
+                heldout=heldout,
+                sides=sides,
+                names=names,
+                seed=seed,
+                progress=progress,
+                temperature=temperature,
+            )
+        finally:  # a client's connections belong to this event loop: close them inside it
+            await llm.aclose()
+            if simulator is not None:
+                await simulator.aclose()
+
+    return asyncio.run(go())
+
+
+# ``adag.describe`` is both this package and its verb (as ``adag.steer``): once the package is
+# imported, the attribute ``adag.describe`` is the module, so the module is callable as
+# :func:`describe`.
+class _CallableModule(types.ModuleType):
+    def __call__(self, *args: Any, **kwargs: Any) -> Descriptions:
+        return describe(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 __all__ = ["Descriptions", "adescribe", "ajudge", "describe", "judge"]

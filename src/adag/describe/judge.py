@@ -103,7 +103,14 @@ def judge(
 ) -> list[dict[str, Any]]:
     """:func:`ajudge` from synchronous code (not from inside a running event loop)."""
     _no_running_loop("judge", "ajudge")
-    return asyncio.run(ajudge(responses, rubric, llm=llm, scale=scale, prompts=prompts))
+
+    async def go() -> list[dict[str, Any]]:
+        try:
+            return await ajudge(responses, rubric, llm=llm, scale=scale, prompts=prompts)
+        finally:  # the client's connections belong to this event loop
+            await llm.aclose()
+
+    return asyncio.run(go())
 
 
 def _no_running_loop(name: str, async_name: str) -> None:
