@@ -172,6 +172,41 @@ def test_run_end_to_end_resume_and_llm_change(tmp_path: Path, tiny_dir: Path):
             k: v for k, v in before.items() if k not in UNSTABLE
         }
 
+        # adag steer --generate --judge on the same run: the judged table and its summary
+        res = finish(
+            adag(
+                "steer",
+                str(run),
+                "--cluster",
+                "C1",
+                "--scale",
+                "0",
+                "--generate",
+                "1",
+                "--judge",
+                "Is it about a capital?",
+                "--backend",
+                "openai",
+                "--llm-model",
+                "fake-model",
+                "--base-url",
+                server.base_url,
+                "--api-key-env",
+                "ADAG_TEST_KEY",
+                "--max-new-tokens",
+                "3",
+                "--json",
+            )
+        )
+        rates = {(r["cluster"], r["factor"]): r for r in res["judge"]["summary"]}
+        assert set(rates) == {("none", 1.0), ("C1", 0.0)}
+        assert rates["C1", 0.0]["rate"] == 1.0 and rates["C1", 0.0]["n"] == 1
+        assert rates["C1", 0.0]["lo"] < 1.0 <= rates["C1", 0.0]["hi"]  # Wilson
+        n_calls = len(server.api_requests())
+        finish(adag("run", str(cfg), "--out", str(run), "--json"))  # back to the config's judge
+        assert len(server.api_requests()) == n_calls  # its answers are cached
+        before = files(run)
+
         # another explainer model: describe, judge and report only
         write_config(cfg, tiny_dir, server.base_url, model="other-model")
         third = finish(adag("run", str(cfg), "--out", str(run), "--json"))

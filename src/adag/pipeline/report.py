@@ -183,8 +183,12 @@ def _read(run_dir: Path) -> _Run:
         table = _read_parquet(run_dir / "behaviour.parquet", run)
         if table is not None:
             run.behaviour = {r["cluster"]: r for r in table.to_pylist() if r.get("cluster")}
-    if (run_dir / "steering-judged.parquet").exists():
-        run.judged = _read_parquet(run_dir / "steering-judged.parquet", run)
+    # judged generations: the per-condition rates (with the unsteered model's, "none") when the
+    # summary is there, else the generations themselves
+    for judged in ("steering-judged-summary.parquet", "steering-judged.parquet"):
+        if (run_dir / judged).exists():
+            run.judged = _read_parquet(run_dir / judged, run)
+            break
     pdir = run_dir / "patching"
     if pdir.is_dir():
         for p in sorted(pdir.glob("*.parquet")):
@@ -648,6 +652,9 @@ def _judged_html(run: _Run, name: str) -> str:
     rows = [r for r in t.select([col, *keep]).to_pylist() if r[col] == name]
     if not rows:
         return ""
+    if "rate" in t.column_names:  # the summary: the unsteered model's rates first, to compare
+        keep = [col, *keep]
+        rows = [r for r in t.select(keep).to_pylist() if r[col] == "none"] + rows
 
     def cell(v: Any) -> str:
         if isinstance(v, float):
