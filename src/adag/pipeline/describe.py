@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from adag.errors import AdagError
 from adag.io import file_sha256, remove
+from adag.pipeline import rundir
 from adag.pipeline.cluster import CLUSTERS
 from adag.pipeline.resume import is_current, key_path, write_key
 
@@ -86,6 +87,13 @@ def describe_stage(
     clusters = Clusters.load(run_dir)
     table = pq.read_table(run_dir / PROFILES)
     cache = run_dir / CACHE_DIR
+    # what Ctrl-C reports: the finished LLM calls are kept in the cache, so a rerun resumes
+    rundir.progress.begin("cluster sides described", clusters.n_clusters * len(sides), cache)
+
+    def done(name: str) -> None:
+        rundir.progress.advance()
+        if progress is not None:
+            progress(name)
 
     def local_model(c: LLMConfig) -> Model | None:
         return model if model is not None and c.backend == "local" and _same(model, c) else None
@@ -108,7 +116,7 @@ def describe_stage(
                 heldout=heldout,
                 sides=sides,
                 seed=seed,
-                progress=progress,
+                progress=done,
             )
         finally:
             await explainer.aclose()
