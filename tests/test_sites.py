@@ -164,6 +164,7 @@ WRITE_SITES = [
     "blocks.1.attn.hook_pattern",
     "blocks.2.attn.hook_z",
     "blocks.0.hook_attn_out",
+    "blocks.1.mlp.hook_in",
     "blocks.1.mlp.hook_pre",
     "blocks.1.mlp.hook_post",
     "blocks.0.hook_mlp_out",
@@ -235,6 +236,61 @@ def test_patch_head_and_neuron_predicted(tiny: Model, tokens):
     )
 
 
+def test_mlp_hook_in_is_the_mlp_modules_input(tiny: Model, tokens):
+    """``mlp.hook_in`` is exactly what the MLP module receives: ln2 of resid_mid, or resid_mid
+    itself in post-norm blocks (OLMo-2)."""
+    seen: dict[int, torch.Tensor] = {}
+    handles = [
+        tiny.submodule(tiny.spec.mlp, layer).register_forward_pre_hook(
+            lambda mod, args, layer=layer: seen.__setitem__(layer, args[0].detach().clone())
+        )
+        for layer in range(tiny.n_layers)
+    ]
+    try:
+        names = [
+            f"blocks.{i}.{s}"
+            for i in range(tiny.n_layers)
+            for s in ("mlp.hook_in", "hook_resid_mid")
+        ]
+        _, c = tiny.run_with_cache(tokens, names)
+    finally:
+        for h in handles:
+            h.remove()
+    for layer in range(tiny.n_layers):
+        p = f"blocks.{layer}."
+        assert c[p + "mlp.hook_in"].shape == (*tokens.shape, tiny.d_model)
+        assert torch.equal(c[p + "mlp.hook_in"], seen[layer])
+        mid = c[p + "hook_resid_mid"]
+        want = _norm(tiny, tiny.spec.ln2, layer, mid) if tiny.spec.ln2 else mid
+        torch.testing.assert_close(c[p + "mlp.hook_in"], want, rtol=1e-12, atol=1e-12)
+
+
+def test_patch_mlp_hook_in_changes_the_mlp_output_only(tiny: Model, tokens):
+    """A patched MLP input moves that position's MLP output to the MLP of the new input (then the
+    post-norm, if any) and the logits after it; the residual stream's own copy (resid_mid) and
+    the other positions' MLP outputs of the layer stay as they were."""
+    layer, pos = 1, 4
+    p = f"blocks.{layer}."
+    names = [p + "hook_resid_mid", p + "mlp.hook_in", p + "hook_mlp_out", p + "hook_resid_post"]
+    logits, clean = tiny.run_with_cache(tokens, names)
+    v = torch.randn(tiny.d_model, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    patched, c = tiny.run_with_cache(tokens, names, patches=[Patch(p + "mlp.hook_in", v, pos=pos)])
+    assert torch.equal(c[p + "mlp.hook_in"][:, pos], v.expand(tokens.shape[0], -1))
+    assert torch.equal(c[p + "hook_resid_mid"], clean[p + "hook_resid_mid"])
+    with torch.no_grad():
+        want = tiny.submodule(tiny.spec.mlp, layer)(v)
+    if tiny.spec.ln2_post:
+        want = _norm(tiny, tiny.spec.ln2_post, layer, want)
+    out = c[p + "hook_mlp_out"]
+    torch.testing.assert_close(out[:, pos], want.expand_as(out[:, pos]), rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(out[:, pos], clean[p + "hook_mlp_out"][:, pos])
+    others = [i for i in range(tokens.shape[1]) if i != pos]
+    assert torch.equal(out[:, others], clean[p + "hook_mlp_out"][:, others])
+    assert torch.equal(c[p + "hook_resid_post"], c[p + "hook_resid_mid"] + out)
+    assert torch.equal(patched[:, :pos], logits[:, :pos])  # causal: earlier positions untouched
+    assert not torch.allclose(patched[:, pos], logits[:, pos])
+
+
 def test_zipped_batched_patches_equal_individual_runs(tiny: Model):
     toks = torch.randint(0, 61, (1, 8), generator=torch.Generator().manual_seed(9)).repeat(3, 1)
     site = "blocks.1.mlp.hook_post"
@@ -272,6 +328,7 @@ def test_gradients_match_finite_differences(tiny: Model, tokens):
     for site in [
         "blocks.0.hook_resid_pre",
         "blocks.1.hook_resid_mid",
+        "blocks.1.mlp.hook_in",
         "blocks.0.mlp.hook_post",
         "blocks.1.attn.hook_v",
         "blocks.2.attn.hook_pattern",

@@ -41,6 +41,26 @@ class TraceConfig:
     edge_threshold: float = field(
         default=0.01, metadata={"help": "keep edges with |weight| >= this", "content": True}
     )
+    desired_logit_prob: float | None = field(
+        default=None,
+        metadata={
+            "help": "trace the smallest set of top tokens whose probabilities sum to at least "
+            "this, at most max_n_logits (circuit-tracer's rule); None: transcoder graphs use "
+            "0.95, neuron graphs the top-k",
+            "content": True,
+        },
+    )
+    max_n_logits: int = field(
+        default=10,
+        metadata={"help": "cap on the targets chosen by desired_logit_prob", "content": True},
+    )
+    max_feature_nodes: int | None = field(
+        default=None,
+        metadata={
+            "help": "transcoder graphs: keep at most this many features (largest |attribution|)",
+            "content": True,
+        },
+    )
     chat: bool = field(
         default=False,
         metadata={"help": "wrap prompts in the chat template (user turn)", "content": True},
@@ -67,6 +87,24 @@ class TraceConfig:
             )
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
             raise AdagError(f"k must be at least 1, got {self.k!r}")
+        if self.desired_logit_prob is not None and not 0 < self.desired_logit_prob <= 1:
+            raise AdagError(
+                f"desired_logit_prob must be in (0, 1], got {self.desired_logit_prob!r}"
+            )
+        if (
+            isinstance(self.max_n_logits, bool)
+            or not isinstance(self.max_n_logits, int)
+            or (self.max_n_logits < 1)
+        ):
+            raise AdagError(f"max_n_logits must be at least 1, got {self.max_n_logits!r}")
+        if self.max_feature_nodes is not None and (
+            isinstance(self.max_feature_nodes, bool)
+            or not isinstance(self.max_feature_nodes, int)
+            or self.max_feature_nodes < 1
+        ):
+            raise AdagError(
+                f"max_feature_nodes must be at least 1 or None, got {self.max_feature_nodes!r}"
+            )
         if not (self.node_threshold >= 0 and self.edge_threshold >= 0):
             raise AdagError(
                 f"thresholds must be >= 0, got node_threshold={self.node_threshold}, "
@@ -95,7 +133,7 @@ class TraceConfig:
     def content(self, model: Model) -> dict[str, Any]:
         """The settings that decide a graph's content (recorded in ``Graph.settings``; a run
         directory reuses a graph whose recorded settings match)."""
-        return {
+        out = {
             "model": model.name,
             "architecture": model.spec.model_type,
             "dtype": str(model.dtype).removeprefix("torch."),
@@ -106,6 +144,15 @@ class TraceConfig:
             "exclude_bos": self.exclude_bos,
             "chat": self.chat,
         }
+        # recorded only when set, so that the neuron graphs' settings (and run-directory resume
+        # keys) stay as they were before these options existed
+        if self.targets is None and self.desired_logit_prob is not None:
+            out["k"] = None
+            out["desired_logit_prob"] = self.desired_logit_prob
+            out["max_n_logits"] = self.max_n_logits
+        if self.max_feature_nodes is not None:
+            out["max_feature_nodes"] = self.max_feature_nodes
+        return out
 
 
 def targets_json(targets: Targets) -> Any:

@@ -40,7 +40,10 @@ Deviations, each deliberate:
 - Error nodes use the current library's jsNodeId ``L_-1-P`` (older releases wrote ``L_P-0``,
   which could alias a feature node's jsNodeId).
 
-adag additions, ignored by circuit-tracer's viewer and shown by adag's: every node gets
+adag additions, ignored by circuit-tracer's viewer and shown by adag's: a transcoder graph's
+``metadata`` gets ``transcoder_kind`` (``"plt"`` or ``"clt"``; every feature keeps circuit-tracer's
+``feature_type`` ``"cross layer transcoder"``, which its frontend relies on, and error nodes
+``"mlp reconstruction error"``); every node gets
 ``adag_id`` (the DESIGN.md id), ``adag_kind``, ``adag_layer`` and ``adag_index`` (the graph's
 integer layer and index: ``-1`` / the token id for embeddings, ``n_layers`` / the token id for
 logits, which circuit-tracer's fields hold only as strings or not at all), ``adag_activation``
@@ -286,6 +289,11 @@ def to_circuit_tracer(
         "node_threshold": _node_threshold(graph.settings),
         "schema_version": SCHEMA_VERSION,
     }
+    tc = graph.settings.get("transcoders")
+    if isinstance(tc, Mapping) and "kind" in tc:
+        # circuit-tracer writes "cross layer transcoder" for every feature, PLT or CLT alike
+        # (its frontend relies on the string): which one it was is recorded here
+        metadata["transcoder_kind"] = tc["kind"]
     return {
         "metadata": metadata,
         "qParams": {

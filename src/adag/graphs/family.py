@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from torch import Tensor
 
@@ -86,6 +86,17 @@ class NodeFamily:
 
     def write_stage(self, layer: int) -> float:
         raise NotImplementedError
+
+    def keep(self, attr: Tensor, x: Tensor, threshold: float) -> Tensor:
+        """``(T, n)`` bool: which entries may become nodes, from their attribution to the metric
+        ``attr``, the clean site value ``x`` and the absolute threshold (``node_threshold ·
+        |m|``). Default ``|attr| >= threshold``; transcoder features also need ``a != 0``, error
+        nodes are all kept."""
+        return attr.abs() >= threshold
+
+    def settings(self, model: Model) -> dict[str, Any]:
+        """Entries this family adds to (or overrides in) ``Graph.settings``."""
+        return {}
 
     def mlp_rules(self, model: Model) -> Mapping[int, str]:
         """Per-layer MLP rules for the attribution pass and the replica (``relp`` elsewhere)."""

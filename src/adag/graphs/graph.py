@@ -12,8 +12,8 @@ field                   shape / type     meaning
 ``node_layer``          int64 (N)        layer; ``-1`` for embeddings, ``n_layers`` for logits
 ``node_position``       int64 (N)        prompt position (logits: the traced position)
 ``node_index``          int64 (N)        neuron / feature index; token id for embeds and logits
-``node_activation``     float (N)        neuron activation ``a``; the logit for logit nodes;
-                                         ``‖e_P‖`` for embeddings
+``node_activation``     float (N)        neuron / feature activation ``a``; the logit for logit
+                                         nodes; ``‖e_P‖`` for embeddings, ``‖err‖`` for errors
 ``node_attribution``    float (N)        attribution to the metric ``m`` (RelP ``a · dm/da`` for
                                          neurons and embeddings ``Σ_d e·dm/de``; ``c_j · logit_j``
                                          for the target logit ``j`` with coefficient ``c_j``)
@@ -189,6 +189,34 @@ class Graph:
                 strict=True,
             )
         }
+
+    def adjacency(self, kind: str = "raw") -> Any:
+        """The edges as a sparse ``(N, N)`` float64 ``scipy.sparse.csr_matrix``, rows = targets,
+        columns = sources (circuit-tracer's orientation); absent edges are 0.
+
+        - ``kind="raw"``: the un-normalised direct effect ``A[t, s] = edge_weight ·
+          node_activation[t] = a_s · ∂a_t/∂a_s`` (into a logit: the source's contribution to
+          the logit). For transcoder graphs this is circuit-tracer's adjacency entry
+          (``adjacency_matrix[target, source]``) for feature, error and embedding sources into
+          feature targets: a feature's activation is ``r · pre`` with ``r = 1`` on every active
+          feature, so ``A[t, s] = a_s · ∂pre_t/∂a_s``, the direct effect on the target's
+          pre-activation. Two differences remain: circuit-tracer's logit rows are the direct
+          effects on the logit *minus the vocabulary mean of the logits* (its unembedding
+          directions are demeaned), ours on the logit itself; and circuit-tracer zeroes features
+          at a BOS position but keeps that position's embedding and error nodes, while adag
+          (``exclude_bos``) leaves the whole position out.
+        - ``kind="weight"``: ``edge_weight`` itself, ``A[t, s] / node_activation[t]``.
+
+        Only the edges the graph holds are present (those with ``|w| >= edge_threshold``)."""
+        import scipy.sparse as sp
+
+        if kind not in ("raw", "weight"):
+            raise AdagError(f"adjacency kind must be 'raw' or 'weight', got {kind!r}")
+        w = self.edge_weight.astype(np.float64)
+        if kind == "raw":
+            w = w * self.node_activation.astype(np.float64)[self.edge_target]
+        n = self.n_nodes
+        return sp.csr_matrix((w, (self.edge_target, self.edge_source)), shape=(n, n))
 
     def node_table(self) -> Any:
         """The nodes as a pyarrow table (id, kind, layer, position, index, activation,

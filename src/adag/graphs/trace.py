@@ -37,7 +37,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -53,6 +53,9 @@ from adag.models.linear import linear_replica, linearize, replica_sites, resolve
 from adag.models.model import Model
 from adag.models.sites import Patch
 from adag.tasks.prompts import assemble_prompt, join_seed
+
+if TYPE_CHECKING:
+    from adag.transcoders import Transcoders
 
 log = logging.getLogger(__name__)
 
@@ -123,13 +126,28 @@ def target_token_id(model: Model, t: str | int) -> int:
 
 
 def resolve_targets(
-    model: Model, logits: Tensor | None, targets: Targets, k: int
+    model: Model,
+    logits: Tensor | None,
+    targets: Targets,
+    k: int,
+    *,
+    desired_prob: float | None = None,
+    max_n_logits: int = 10,
 ) -> tuple[list[int], list[float]]:
-    """Target token ids and coefficients from ``targets`` or the top ``k`` of ``logits`` (with
-    ``logits=None``, only check ``targets``)."""
+    """Target token ids and coefficients from ``targets``, or from ``logits``: the top ``k``,
+    or with ``desired_prob`` circuit-tracer's rule (``compute_salient_logits``): the smallest
+    prefix of the top ``max_n_logits`` tokens whose probabilities sum to at least
+    ``desired_prob`` (all ``max_n_logits`` if they do not reach it). Coefficients are 1. With
+    ``logits=None``, only check ``targets``."""
     if targets is None:
         if logits is None:
             return [], []
+        if desired_prob is not None:
+            top = logits.double().softmax(-1).topk(min(max_n_logits, logits.shape[-1]))
+            cum = top.values.cumsum(0)
+            n = int(torch.searchsorted(cum, torch.tensor([desired_prob], dtype=cum.dtype)))
+            ids = top.indices[: min(n + 1, len(cum))].tolist()
+            return ids, [1.0] * len(ids)
         ids = logits.topk(min(k, logits.shape[-1])).indices.tolist()
         return ids, [1.0] * len(ids)
     if isinstance(targets, Mapping):
@@ -157,6 +175,7 @@ def trace(
     *,
     seed_response: str | Sequence[str | None] | None = None,
     families: Sequence[NodeFamily] | None = None,
+    transcoders: Transcoders | None = None,
     progress: Callable[[int], None] | None = None,
     **options: Any,
 ) -> list[Graph]:
@@ -166,9 +185,22 @@ def trace(
     :class:`TraceConfig` field, e.g. ``k=5``, ``targets={" Mary": 1, " John": -1}``,
     ``node_threshold=0.01``) say how. ``seed_response``: a seed opening the answer (one, or one per
     prompt), e.g. ``"Answer:"`` with ``chat=True``. ``families``: the node families (default: MLP
-    neurons). ``progress`` is called with 1 after each prompt.
+    neurons). ``transcoders``: trace the local replacement model instead (transcoder features and
+    error nodes, :mod:`adag.graphs.features`; the MLP neurons are not used), with targets by
+    ``desired_logit_prob`` 0.95 unless set otherwise. ``progress`` is called with 1 after each
+    prompt.
     """
     config = (config or TraceConfig()).updated(**options)
+    if transcoders is not None:
+        if families is not None:
+            raise AdagError("give transcoders or families, not both")
+        if config.targets is None and config.desired_logit_prob is None:
+            config = config.updated(desired_logit_prob=0.95)
+        from adag.graphs.features import replacement_families
+
+        families = replacement_families(
+            model, transcoders, max_feature_nodes=config.max_feature_nodes
+        )
     items: list[Prompt]
     if isinstance(prompts, str | Tensor) or (
         isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)
@@ -279,7 +311,14 @@ def clean_run(
         spliced(model, families, "clean", None),
     ):
         last = model(tokens, last_only=True)[0, -1]
-    target_ids, coef_list = resolve_targets(model, last, config.targets, config.k)
+    target_ids, coef_list = resolve_targets(
+        model,
+        last,
+        config.targets,
+        config.k,
+        desired_prob=config.desired_logit_prob,
+        max_n_logits=config.max_n_logits,
+    )
     tid = torch.tensor(target_ids, device=tokens.device)
     coef = torch.tensor(coef_list, dtype=last.dtype, device=tokens.device)
     tlogits = last[tid]
@@ -331,7 +370,7 @@ def attribute_nodes(
             x = clean.values[f.site(layer)]
             out = f.attribution(g[f.site(layer)], x)  # (K, T, n): a · dlogit_j/da
             attr = torch.einsum("k,kpn->pn", clean.coef, out)
-            keep = (attr.abs() >= thr) & clean.allowed[:, None]
+            keep = f.keep(attr, x, thr) & clean.allowed[:, None]
             p, i = keep.nonzero(as_tuple=True)  # row-major: sorted by (pos, idx)
             cols["layer"].append(torch.full_like(p, layer))
             cols["pos"].append(p)
@@ -342,6 +381,10 @@ def attribute_nodes(
         cat = {k: torch.cat(v) if v else torch.zeros(0) for k, v in cols.items()}
         if not cols["out"]:
             cat["out"] = torch.zeros(0, K, dtype=clean.emb.dtype)
+        cap = getattr(f, "max_nodes", None)
+        if cap is not None and len(cat["attr"]) > cap:
+            top = cat["attr"].abs().topk(cap).indices.sort().values  # keep (layer, pos, idx) order
+            cat = {k: v[top] for k, v in cat.items()}
         kept.append(
             Nodes(cat["layer"], cat["pos"], cat["idx"], cat["act"], cat["attr"], cat["out"])
         )
@@ -563,7 +606,8 @@ def assemble(
     kinds = ["embed"] * E
     for f, n in zip(families, kept, strict=True):
         cols = zip(n.layer.tolist(), n.pos.tolist(), n.idx.tolist(), strict=True)
-        ids += [node_ids.format(f.kind, a, b, c) for a, b, c in cols]
+        arity = len(node_ids.KINDS[f.kind])  # fields in order layer, pos, index (error: 2)
+        ids += [node_ids.format(f.kind, *(a, b, c)[:arity]) for a, b, c in cols]
         kinds += [f.kind] * len(n)
     ids += [node_ids.format("logit", t) for t in tid.tolist()]
     kinds += ["logit"] * K
@@ -597,6 +641,8 @@ def assemble(
     rules = set(_mlp_rules(model, families))
     if rules != {"relp"}:
         settings["linearization"]["mlp"] = _mlp_rules(model, families)
+    for f in families:
+        settings.update(f.settings(model))
     return Graph(
         node_ids=ids,
         node_kinds=kinds,

@@ -22,6 +22,9 @@ site                                   shape                         what
 ``blocks.L.attn.hook_attn_scores``     ``batch head pos k_pos``      scaled, softcapped, masked scores
 ``blocks.L.attn.hook_pattern``         ``batch head pos k_pos``      softmax of the scores
 ``blocks.L.attn.hook_z``               ``batch head pos d_head``     pattern @ v, the input of W_O
+``blocks.L.mlp.hook_in``               ``batch pos d_model``         the MLP module's input: the
+                                                                     residual after ln2 (OLMo-2:
+                                                                     resid_mid, it has no ln2)
 ``blocks.L.mlp.hook_pre``              ``batch pos d_mlp``           gate (or input) pre-activation
 ``blocks.L.mlp.hook_pre_linear``       ``batch pos d_mlp``           up projection (gated MLPs only)
 ``blocks.L.mlp.hook_post``             ``batch pos d_mlp``           the neurons: input of W_down
@@ -86,6 +89,7 @@ SITE_AXES: dict[str, tuple[str, ...]] = {
     "attn.hook_z": _HEAD_AXES,
     "attn.hook_attn_scores": _PATTERN_AXES,
     "attn.hook_pattern": _PATTERN_AXES,
+    "mlp.hook_in": _RESID_AXES,
     "mlp.hook_pre": _MLP_AXES,
     "mlp.hook_pre_linear": _MLP_AXES,
     "mlp.hook_post": _MLP_AXES,
@@ -504,6 +508,20 @@ class Dispatch:
             return x
         raise AssertionError(kind)
 
+    def _mlp_in_pre(self, layer: int) -> Callable[..., Any]:
+        name = f"blocks.{layer}.mlp.hook_in"
+
+        def hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            if not self.sessions:
+                return None
+            if args:
+                return (self.site(name, args[0]), *args[1:]), kwargs
+            # every supported MLP takes one tensor; find it if it came by keyword
+            key = next(k for k, v in kwargs.items() if isinstance(v, Tensor))
+            return args, {**kwargs, key: self.site(name, kwargs[key])}
+
+        return hook
+
     def _mlp_post_pre(self, layer: int) -> Callable[..., Any]:
         name = f"blocks.{layer}.mlp.hook_post"
 
@@ -560,6 +578,13 @@ def install(hf: Any, spec: ArchSpec, act: str) -> Dispatch:
             for path in (f"{spec.attn}.q_norm", f"{spec.attn}.k_norm"):
                 on_output(get_module(block, path), ("exact_norm", None))
         on_output(get_module(block, spec.attn_out_module), ("attn_out", layer))
+        # the MLP module's own input: after ln2 where there is one, the residual itself in
+        # post-norm blocks (OLMo-2), whose residual branch keeps the unpatched value
+        d.handles.append(
+            get_module(block, spec.mlp).register_forward_pre_hook(
+                d._mlp_in_pre(layer), with_kwargs=True
+            )
+        )
         on_output(get_module(block, spec.mlp_in), ("stash_g", layer))
         if spec.mlp_in_linear is not None:
             on_output(get_module(block, spec.mlp_in_linear), ("stash_u", layer))
@@ -591,7 +616,7 @@ def site_names(spec: ArchSpec, n_layers: int) -> list[str]:
         names += [b + "hook_attn_out", b + "hook_resid_mid"]
         if spec.ln2:
             names.append(b + "ln2.hook_scale")
-        names.append(b + "mlp.hook_pre")
+        names += [b + "mlp.hook_in", b + "mlp.hook_pre"]
         if spec.gated:
             names.append(b + "mlp.hook_pre_linear")
         names.append(b + "mlp.hook_post")
