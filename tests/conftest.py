@@ -30,6 +30,7 @@ SMOLLM2_MODULES = {
     "test_cluster_cli",
     "test_run",
     "test_demo",
+    "test_transcoders_cli",
 }
 """Modules that load SmolLM2 through the CLI or the README, not through the fixture."""
 SMOLLM2_TESTS = {"test_load.py::test_gguf_conversion_is_atomic_and_cached"}
@@ -166,6 +167,36 @@ def _session_smollm2() -> Model:
 @pytest.fixture(scope="session")
 def smollm2() -> Model:
     return _session_smollm2()
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama saved with SmolLM2's tokenizer (from the embedded GGUF), loadable by
+    path like any local model: for CLI tests that need text prompts but not real weights."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from adag.models.load import ALIASES, convert_gguf, find_alias_gguf
+
+    gguf = find_alias_gguf(ALIASES["smollm2-135m"])
+    assert gguf is not None
+    tok = AutoTokenizer.from_pretrained(str(convert_gguf(gguf)))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        initializer_range=0.3,  # large enough weights that MLP neurons matter
+    )
+    hf = LlamaForCausalLM(cfg).eval()
+    d = tmp_path_factory.mktemp("tiny") / "model"
+    hf.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
 
 
 SMALL_RUN = Path(__file__).parent / "fixtures" / "run-small.yaml"

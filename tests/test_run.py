@@ -33,36 +33,6 @@ ENV = {**os.environ, "ADAG_TEST_KEY": SECRET, "OMP_NUM_THREADS": "1"}
 UNSTABLE = {"report.html", "summary.json"}  # timings and call counters
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    """A tiny random Llama saved with SmolLM2's tokenizer, loadable by path."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from adag.models.load import ALIASES, convert_gguf, find_alias_gguf
-
-    gguf = find_alias_gguf(ALIASES["smollm2-135m"])
-    assert gguf is not None
-    tok = AutoTokenizer.from_pretrained(str(convert_gguf(gguf)))
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        initializer_range=0.3,  # large enough weights that MLP neurons matter
-    )
-    hf = LlamaForCausalLM(cfg).eval()
-    d = tmp_path_factory.mktemp("tiny") / "model"
-    hf.save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
-
-
 def write_config(path: Path, tiny_dir: Path, base_url: str, *, model: str = "fake-model") -> Path:
     prompts = path.parent / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n", encoding="utf-8")

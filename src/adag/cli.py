@@ -432,14 +432,31 @@ def trace(
     max_batch_tokens: Annotated[
         int, typer.Option(help=TraceConfig.help("max_batch_tokens"))
     ] = _TC.max_batch_tokens,
+    transcoders: Annotated[
+        Path | None,
+        typer.Option(
+            "--transcoders",
+            help="trace transcoder feature graphs (circuit tracing) with the PLT/CLT set in DIR",
+        ),
+    ] = None,
+    desired_logit_prob: Annotated[
+        float | None, typer.Option(help=TraceConfig.help("desired_logit_prob"))
+    ] = None,
+    max_n_logits: Annotated[
+        int, typer.Option(help=TraceConfig.help("max_n_logits"))
+    ] = _TC.max_n_logits,
+    max_feature_nodes: Annotated[
+        int | None, typer.Option(help=TraceConfig.help("max_feature_nodes"))
+    ] = None,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
     as_json: JsonOpt = False,
     force: ForceOpt = False,
 ) -> None:
-    """Trace neuron attribution graphs (ADAG) for PROMPT or a prompt file. A rerun reuses the
-    graphs that are current, traces the others and removes those of prompts no longer given
-    (--force: trace every graph again)."""
+    """Trace attribution graphs for PROMPT or a prompt file: MLP-neuron graphs (ADAG), or with
+    --transcoders DIR feature graphs of the local replacement model (circuit tracing). A rerun
+    reuses the graphs that are current, traces the others and removes those of prompts no longer
+    given (--force: trace every graph again)."""
     from rich.progress import Progress
 
     from adag.models.load import load_model
@@ -467,7 +484,12 @@ def trace(
         exclude_bos=exclude_bos,
         batch_size=batch_size,
         max_batch_tokens=max_batch_tokens,
+        desired_logit_prob=desired_logit_prob,
+        max_n_logits=max_n_logits,
+        max_feature_nodes=max_feature_nodes,
     )
+    if transcoders is not None and not transcoders.is_dir():
+        raise AdagError(f"--transcoders {transcoders} is not a directory; give a transcoder set")
     run_dir = check_writable(out, dirs=("graphs", "viewer"), files=(PROFILES,))  # before any work
     if prompts_format != "auto" and prompts is None:
         raise AdagError("--format says how to read --prompts FILE; give --prompts too")
@@ -476,12 +498,23 @@ def trace(
     if seed is not None:
         specs = [p if p.seed is not None else replace(p, seed=seed) for p in specs]
     m = load_model(model, dtype=dtype, device=device)
+    tc = None
+    if transcoders is not None:
+        from adag.transcoders import load_transcoders
+
+        tc = load_transcoders(transcoders, m)
     err = Console(stderr=True)
     # a progress bar only on a terminal: elsewhere rich would print a blank line before errors
     with Progress(console=err, transient=True, disable=not err.is_terminal) as bar:
         task = bar.add_task("tracing", total=len(specs))
         result = trace_stage(
-            m, specs, run_dir, config, progress=lambda n: bar.advance(task, n), force=force
+            m,
+            specs,
+            run_dir,
+            config,
+            progress=lambda n: bar.advance(task, n),
+            force=force,
+            transcoders=tc,
         )
     if read is not None:  # said once the run worked, so that an error stays the only line
         typer.echo(_read_line(read, "prompt"), err=True)
@@ -489,14 +522,15 @@ def trace(
         typer.echo(json.dumps(result, indent=2, default=str))
         return
     t = Table(title=f"{m.name}: {len(specs)} graph(s)")
-    for col in ("prompt", "targets", "metric", "neurons", "edges"):
+    kinds = ("feature", "error") if tc is not None else ("neuron",)
+    for col in ("prompt", "targets", "metric", *(f"{k}s" for k in kinds), "edges"):
         t.add_column(col)
     for sm in result["summaries"]:
         t.add_row(
             repr(sm["prompt"][-40:]),
             " ".join(repr(x) for x in sm["targets"]),
             f"{sm['metric']:.3f}",
-            str(sm["nodes_by_kind"].get("neuron", 0)),
+            *(str(sm["nodes_by_kind"].get(k, 0)) for k in kinds),
             str(sm["edges"]),
         )
     console = Console()

@@ -25,7 +25,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from adag.errors import AdagError
 from adag.graphs.export import INDEX_FILE, slugify, write_index, write_viewer
@@ -39,6 +39,9 @@ from adag.pipeline import rundir
 from adag.pipeline.resume import is_current, key_path, matches, write_key
 from adag.profiles import profile, save_profiles
 from adag.tasks.prompts import PromptSpec
+
+if TYPE_CHECKING:
+    from adag.transcoders import Transcoders
 
 logger = logging.getLogger(__name__)
 
@@ -106,13 +109,28 @@ def trace_stage(
     viewer_edge_threshold: float = 0.98,
     progress: Callable[[int], None] | None = None,
     force: bool = False,
+    transcoders: Transcoders | None = None,
 ) -> dict[str, Any]:
     """Trace every prompt and write the run directory (``force``: trace every graph again even
-    when it is current). Returns a summary: paths, the slugs ``"reused"``, ``"traced"`` and
+    when it is current; ``transcoders``: trace feature graphs of the local replacement model, as
+    :func:`adag.trace` does, the transcoders' :meth:`~adag.transcoders.Transcoders.fingerprint`
+    joining the resume key). Returns a summary: paths, the slugs ``"reused"``, ``"traced"`` and
     ``"removed"`` (graphs of an earlier run not in this prompt list), ``"stale_temps"`` (temp
     files of a killed run it deleted) and each graph's summary."""
     started = time.time()
     config = config or TraceConfig()
+    families = None
+    extra: dict[str, Any] = {}
+    if transcoders is not None:
+        from adag.graphs.features import replacement_families
+
+        if config.targets is None and config.desired_logit_prob is None:
+            config = config.updated(desired_logit_prob=0.95)
+        transcoders.check(model)
+        families = replacement_families(
+            model, transcoders, max_feature_nodes=config.max_feature_nodes
+        )
+        extra["transcoders_fingerprint"] = transcoders.fingerprint()
     if not prompts:
         raise AdagError("no prompts to trace")
     seeds = [p.seed for p in prompts]
@@ -132,7 +150,7 @@ def trace_stage(
     if temps:
         logger.info("removed %d stale temp file(s) of a killed run", len(temps))
 
-    base_key = config.content(model)
+    base_key = {**config.content(model), **extra}
     current = [
         None if force else _current(graphs_dir / slug, {**base_key, "seed_response": p.seed}, ids)
         for p, slug, (_, ids) in zip(prompts, slugs, assembled, strict=True)
@@ -160,7 +178,9 @@ def trace_stage(
                 ids,
                 config,
                 prompt=text,
+                families=families,
                 extra_settings={
+                    **extra,
                     "seed_response": spec.seed,
                     "label": spec.label,
                     "score": spec.score,

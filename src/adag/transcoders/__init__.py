@@ -339,6 +339,23 @@ class Transcoders:
         names = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold", "W_skip")
         return {n: getattr(self, n) for n in names}
 
+    def fingerprint(self) -> str:
+        """The first 16 hex digits of a SHA-256 over the kind, activation, layers, hooks, ``k``
+        and every tensor's dtype, shape and bytes: equal for the same weights wherever they were
+        loaded from (a run directory's resume key for transcoder graphs)."""
+        import hashlib
+
+        h = hashlib.sha256()
+        head = [self.kind, self.activation, self.layers, self.k, self.input_hook, self.output_hook]
+        h.update(repr(head).encode())
+        for name, ts in self.tensors().items():
+            h.update(name.encode())
+            for t in ts or []:
+                c = t.detach().to("cpu").contiguous()
+                h.update(f"{c.dtype}{tuple(c.shape)}".encode())
+                h.update(c.view(torch.uint8).numpy().tobytes() if c.numel() else b"")
+        return h.hexdigest()[:16]
+
     def to(
         self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> Transcoders:
