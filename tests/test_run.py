@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
-import pytest
 import yaml
 
 from tests.llm_servers import FakeOpenAI, scripted_reply

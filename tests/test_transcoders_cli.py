@@ -71,3 +71,27 @@ def test_transcoders_that_do_not_fit(tiny_dir: Path, tmp_path: Path):
     r = runner.invoke(app, [*base, "--transcoders", str(tmp_path / "nowhere")])
     assert r.exit_code == 2 and "not a directory" in r.stderr
     assert not out.exists()
+
+
+def test_intervene_cli(tiny_dir: Path, tmp_path: Path):
+    tc_dir = save_transcoders(random_plt(32, 2, 0), tmp_path / "tc")
+    base = ["intervene", str(tiny_dir), "The capital of France is", "--transcoders", str(tc_dir)]
+    outs = {}
+    for mode in ("constrained", "frozen", "free"):
+        r = runner.invoke(app, [*base, "--edit", "feature:0:*:3=0", "--mode", mode, "--json"])
+        assert r.exit_code == 0, (r.output, r.exception)
+        outs[mode] = json.loads(r.stdout)
+        assert outs[mode]["mode"] == mode and len(outs[mode]["top_after"]) == 5
+    # scaling by 1 changes nothing
+    r = runner.invoke(app, [*base, "--edit", "feature:1:2:5*1", "--json", "--generate", "2"])
+    res = json.loads(r.stdout)
+    assert res["kl"] < 1e-9 and isinstance(res["generated"], str)
+    for bad, needle in [
+        ("feature:0:*:3", "bad intervention"),
+        ("feature:0:*:999=0", "out of range"),
+        ("neuron:0:1:2=0", "only transcoder features"),
+    ]:
+        r = runner.invoke(app, [*base, "--edit", bad])
+        assert r.exit_code == 2 and needle in r.stderr, (bad, r.output)
+    r = runner.invoke(app, [*base, "--edit", "feature:0:*:3=0", "--mode", "loose"])
+    assert r.exit_code == 2 and "unknown --mode" in r.stderr

@@ -890,6 +890,109 @@ def _run_and_show(cfg: Any, out: str | None, force: list[str], as_json: bool) ->
     console.print(f"report: {report}", markup=False, highlight=False, soft_wrap=True)
 
 
+def _intervention(spec: str) -> tuple[str, Any]:
+    """``feature:3:*:17=0`` (set), ``feature:3:5:17*2`` (scale), ``feature:3:5:17+=1.5`` (add)."""
+    for sep, op in (("+=", "add"), ("=", "set"), ("*", "scale")):
+        node, found, value = spec.rpartition(sep)
+        if found and node:
+            try:
+                return node, (op, float(value))
+            except ValueError:
+                continue
+    raise AdagError(
+        f"bad intervention {spec!r}; give NODE=VALUE, NODE*SCALE or NODE+=DELTA, "
+        "e.g. feature:3:*:17=0"
+    )
+
+
+@app.command()
+def intervene(
+    model: ModelArg,
+    prompt: Annotated[str, typer.Argument(help="the prompt")],
+    transcoders: Annotated[
+        Path, typer.Option("--transcoders", help="the PLT/CLT set the features belong to")
+    ],
+    edit: Annotated[
+        list[str],
+        typer.Option(
+            "--edit",
+            help="NODE=VALUE (set; 0 ablates), NODE*SCALE or NODE+=DELTA; NODE is "
+            "feature:LAYER:POS:INDEX, POS * for every position (repeatable, applied in order)",
+        ),
+    ],
+    mode: Annotated[
+        str,
+        typer.Option(
+            help="constrained (the replacement model: patterns, norms and errors frozen; other "
+            "features respond), frozen (every other feature held too: direct effects) or free "
+            "(the real model, every layer live)"
+        ),
+    ] = "constrained",
+    k: Annotated[int, typer.Option("-k", "--k", help="top-k tokens to show")] = 5,
+    generate: Annotated[
+        int, typer.Option(help="also generate this many tokens with the features held (free)")
+    ] = 0,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
+    as_json: JsonOpt = False,
+) -> None:
+    """Set, scale or zero transcoder features and show how the next-token prediction changes
+    (circuit tracing's interventions)."""
+    from adag.models.load import load_model
+    from adag.steer.intervene import generate_with_features
+    from adag.steer.intervene import intervene as run_intervention
+    from adag.transcoders import load_transcoders
+
+    if mode not in ("constrained", "frozen", "free"):
+        raise AdagError(f"unknown --mode {mode!r}; choose constrained, frozen or free")
+    edits = dict(_intervention(e) for e in edit)
+    if not transcoders.is_dir():
+        raise AdagError(f"--transcoders {transcoders} is not a directory; give a transcoder set")
+    m = load_model(model, dtype=dtype, device=device)
+    tc = load_transcoders(transcoders, m)
+    result = run_intervention(
+        m,
+        prompt,
+        tc,
+        edits,
+        constrained=mode != "free",
+        freeze_features=mode == "frozen",
+        k=k,
+    )
+    text = None
+    if generate > 0:
+        new = generate_with_features(m, prompt, tc, edits, max_new_tokens=generate)
+        text = str(m.tok().decode(new))
+    out = {
+        "mode": mode,
+        "top_before": result["top_before"],
+        "top_after": result["top_after"],
+        "kl": float(result["kl"]),
+        "features": result["features"],
+        "generated": text,
+    }
+    if as_json:
+        typer.echo(json.dumps(out, indent=2, default=_plain_json))
+        return
+    t = Table(title=f"{mode} intervention on {len(edits)} feature(s): KL {out['kl']:.4f}")
+    for col in ("before", "prob", "after", "prob "):
+        t.add_column(col)
+    for b, a in zip(result["top_before"], result["top_after"], strict=False):
+        t.add_row(repr(b["token"]), f"{b['prob']:.3f}", repr(a["token"]), f"{a['prob']:.3f}")
+    console = Console()
+    console.print(t)
+    if text is not None:
+        console.print(f"generated: {text!r}", markup=False, highlight=False)
+
+
+def _plain_json(x: Any) -> Any:
+    """Tensors and numpy values as plain JSON for --json."""
+    tolist = getattr(x, "tolist", None)
+    if tolist is not None:
+        return tolist()
+    return str(x)
+
+
 def _steer_spec(spec: str) -> tuple[Path, str, float]:
     """``RUN_DIR:C3x0`` -> (run dir, cluster, factor)."""
     run, sep, rest = spec.rpartition(":")

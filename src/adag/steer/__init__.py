@@ -668,12 +668,17 @@ class _CallableModule(types.ModuleType):
 
 sys.modules[__name__].__class__ = _CallableModule
 
+# feature interventions (transcoders); the name ``intervene`` is the function, not the submodule
+from adag.steer.intervene import generate_with_features, intervene  # noqa: E402
+
 __all__ = [
     "Prompt",
     "Unit",
     "Units",
     "generate",
     "generate_ids",
+    "generate_with_features",
+    "intervene",
     "steer",
     "steering_patches",
     "summarise",
