@@ -95,3 +95,40 @@ def test_intervene_cli(tiny_dir: Path, tmp_path: Path):
         assert r.exit_code == 2 and needle in r.stderr, (bad, r.output)
     r = runner.invoke(app, [*base, "--edit", "feature:0:*:3=0", "--mode", "loose"])
     assert r.exit_code == 2 and "unknown --mode" in r.stderr
+
+
+def test_train_transcoders_cli(tiny_dir: Path, tmp_path: Path):
+    text = tmp_path / "text.txt"
+    text.write_text(
+        "\n".join(f"The capital of country number {i} is a city with a river." for i in range(400)),
+        encoding="utf-8",
+    )
+    out = tmp_path / "tc"
+    args = ["train-transcoders", str(tiny_dir), "--out", str(out), "--text", str(text)]
+    args += ["--features", "16", "--tokens", "2048", "--batch-tokens", "128"]
+    args += ["--buffer-tokens", "4096", "--json"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, (r.output, r.exception)
+    metrics = json.loads(r.stdout)
+    assert [m["layer"] for m in metrics["layers"]] == [0, 1]
+    assert all(m["fvu"] < m["fvu_init"] for m in metrics["layers"])
+    from adag.transcoders import load_transcoders
+
+    tc = load_transcoders(out)
+    assert tc.kind == "plt" and tc.d_features == 16 and tc.layers == [0, 1]
+    # and the trained set traces
+    r = runner.invoke(
+        app,
+        ["trace", str(tiny_dir), "The capital of France is", "--out", str(tmp_path / "run")]
+        + ["--transcoders", str(out), "--json"],
+    )
+    assert r.exit_code == 0, (r.output, r.exception)
+    for bad, needle in [
+        (["--self", "--text", str(text)], "one of them"),
+        (["--kind", "sae", "--self"], "unknown --kind"),
+        (["--text", str(tmp_path / "none.txt")], "does not exist"),
+    ]:
+        r = runner.invoke(
+            app, ["train-transcoders", str(tiny_dir), "--out", str(tmp_path / "x"), *bad]
+        )
+        assert r.exit_code == 2 and needle in r.stderr, (bad, r.output)

@@ -890,6 +890,119 @@ def _run_and_show(cfg: Any, out: str | None, force: list[str], as_json: bool) ->
     console.print(f"report: {report}", markup=False, highlight=False, soft_wrap=True)
 
 
+@app.command("train-transcoders")
+def train_transcoders_cmd(
+    model: ModelArg,
+    out: Annotated[
+        str, typer.Option("--out", help="directory for the transcoders (and checkpoints)")
+    ],
+    kind: Annotated[str, typer.Option(help="plt (per layer) or clt (cross-layer)")] = "plt",
+    features: Annotated[int, typer.Option("--features", help="features per layer")] = 2048,
+    tokens: Annotated[int, typer.Option("--tokens", help="training tokens")] = 100_000,
+    text: Annotated[
+        Path | None, typer.Option("--text", help="a text file to train on (one document a line)")
+    ] = None,
+    self_generate: Annotated[
+        bool, typer.Option("--self", help="train on text the model samples itself (offline)")
+    ] = False,
+    activation: Annotated[str, typer.Option(help="jumprelu, topk or relu")] = "jumprelu",
+    k: Annotated[int | None, typer.Option("-k", "--k", help="TopK: active features")] = None,
+    batch_tokens: Annotated[int, typer.Option(help="tokens per training step")] = 1024,
+    buffer_tokens: Annotated[int, typer.Option(help="activation buffer (memory)")] = 8192,
+    seed: Annotated[int, typer.Option(help="initialisation and data seed")] = 0,
+    checkpoint_every: Annotated[int, typer.Option(help="steps between checkpoints")] = 500,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
+    force: Annotated[
+        bool, typer.Option("--force", help="start over instead of resuming a checkpoint")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train per-layer or cross-layer transcoders (MLP input -> MLP output) on MODEL's own
+    activations, streamed; resumes from its checkpoint after a kill. Writes DIR in adag's format
+    (adag trace --transcoders DIR) and metrics.json (FVU, L0, dead share per layer)."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from adag.models.load import load_model
+    from adag.pipeline.rundir import check_writable
+    from adag.transcoders.train import train_transcoders
+
+    if (text is None) == (not self_generate):
+        raise AdagError(
+            "give --text FILE or --self (train on the model's own samples), one of them"
+        )
+    if kind not in ("plt", "clt"):
+        raise AdagError(f"unknown --kind {kind!r}; choose plt or clt")
+    if text is not None and not text.is_file():
+        raise AdagError(f"--text {text} does not exist; give a text file")
+    out_dir = check_writable(out)
+    texts = None
+    if text is not None:
+        texts = [line for line in text.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not texts:
+            raise AdagError(f"--text {text} has no text; give a non-empty file")
+    m = load_model(model, dtype=dtype, device=device)
+    err = Console(stderr=True)
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+        disable=not err.is_terminal,
+    ) as bar:
+        task = bar.add_task("training", total=None)
+
+        def progress(p: Any) -> None:
+            fvu = sum(p.fvu) / max(len(p.fvu), 1)
+            l0 = sum(p.l0) / max(len(p.l0), 1)
+            bar.update(
+                task,
+                total=p.total_steps,
+                completed=p.step,
+                description=f"step {p.step}/{p.total_steps}: FVU {fvu:.3f}, L0 {l0:.1f}",
+            )
+
+        train_transcoders(
+            m,
+            out=out_dir,
+            n_features=features,
+            n_tokens=tokens,
+            kind=kind,  # type: ignore[arg-type]
+            texts=texts,
+            self_generate=self_generate,
+            activation=activation,  # type: ignore[arg-type]
+            k=k,
+            batch_tokens=batch_tokens,
+            buffer_tokens=buffer_tokens,
+            seed=seed,
+            checkpoint_every=checkpoint_every,
+            progress=progress,
+            force=force,
+        )
+    metrics = json.loads((out_dir / "metrics.json").read_text(encoding="utf-8"))
+    if as_json:
+        typer.echo(json.dumps(metrics, indent=2))
+        return
+    t = Table(
+        title=f"{kind} transcoders, {features} features per layer, {metrics['tokens']} tokens"
+    )
+    for col in ("layer", "FVU (held out)", "FVU at start", "L0", "dead"):
+        t.add_column(col, justify="right")
+    for row in metrics["layers"]:
+        start = row.get("fvu_init")
+        t.add_row(
+            str(row["layer"]),
+            f"{row['fvu']:.3f}",
+            "-" if start is None else f"{start:.3f}",
+            f"{row['l0']:.1f}",
+            f"{row['dead']:.1%}",
+        )
+    console = Console()
+    console.print(t)
+    console.print(f"wrote {out_dir}; trace with: adag trace {model} PROMPT --transcoders {out_dir}")
+
+
 def _intervention(spec: str) -> tuple[str, Any]:
     """``feature:3:*:17=0`` (set), ``feature:3:5:17*2`` (scale), ``feature:3:5:17+=1.5`` (add)."""
     for sep, op in (("+=", "add"), ("=", "set"), ("*", "scale")):
