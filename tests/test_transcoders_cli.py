@@ -119,8 +119,10 @@ def test_train_transcoders_cli(tiny_dir: Path, tmp_path: Path):
     # and the trained set traces
     r = runner.invoke(
         app,
-        ["trace", str(tiny_dir), "The capital of France is", "--out", str(tmp_path / "run")]
-        + ["--transcoders", str(out), "--json"],
+        [
+            *("trace", str(tiny_dir), "The capital of France is"),
+            *("--out", str(tmp_path / "run"), "--transcoders", str(out), "--json"),
+        ],
     )
     assert r.exit_code == 0, (r.output, r.exception)
     for bad, needle in [
