@@ -21,6 +21,7 @@ import pytest
 import torch
 from torch import Tensor
 
+from adag.errors import AdagError
 from adag.graphs import features as feat
 from adag.graphs.trace import clean_run, trace
 from adag.models.model import Model
@@ -446,3 +447,51 @@ def test_export_keeps_circuit_tracer_feature_types(case, tmp_path):
     assert data["metadata"]["transcoder_kind"] == g.settings["transcoders"]["kind"]
     g.save(tmp_path / "g")
     assert Graph.load(tmp_path / "g") == g
+
+
+def test_circuit_tracer_adjacency_demeans_the_logit_rows(case):
+    """``logit_mean_effect`` is each source's direct effect on the vocabulary mean of the logits:
+    traced with every vocabulary token as a target (the tiny vocabulary has 61), the mean of the
+    61 raw logit rows equals it; the circuit-tracer adjacency subtracts it from the logit rows
+    and leaves the other rows alone."""
+    m, _, tc, ids, g = case
+    assert g.logit_mean_effect is not None and g.logit_mean_effect.shape == (g.n_nodes,)
+    every = trace(
+        m,
+        ids,
+        transcoders=tc,
+        node_threshold=0.002,
+        edge_threshold=0.0,
+        batch_size=64,
+        targets=list(range(m.d_vocab)),
+    )[0]
+    a = every.adjacency("raw").toarray()
+    logit_rows = np.flatnonzero(every.mask("logit"))
+    sources = np.flatnonzero(~every.mask("logit"))
+    mean_row = a[np.ix_(logit_rows, sources)].mean(0)
+    assert every.logit_mean_effect is not None
+    np.testing.assert_allclose(
+        every.logit_mean_effect[sources], mean_row, rtol=1e-9, atol=1e-12 * np.abs(mean_row).max()
+    )
+    ct = g.adjacency("circuit_tracer").toarray()
+    r = g.adjacency("raw").toarray()
+    lg = g.mask("logit")
+    np.testing.assert_array_equal(ct[~lg], r[~lg])
+    present = r[lg] != 0
+    np.testing.assert_allclose(
+        ct[lg][present], (r[lg] - g.logit_mean_effect[None, :])[present], rtol=1e-12
+    )
+    # the field survives pruning
+    from adag.graphs.prune import prune
+
+    pruned = prune(g)
+    assert pruned.logit_mean_effect is not None and len(pruned.logit_mean_effect) == pruned.n_nodes
+
+
+def test_neuron_graphs_have_no_logit_mean_effect():
+    m = tiny_model("llama")
+    ids = torch.randint(0, 61, (T,), generator=torch.Generator().manual_seed(1))
+    g = trace(m, ids, k=2, node_threshold=0.01)[0]
+    assert g.logit_mean_effect is None
+    with pytest.raises(AdagError, match="no logit_mean_effect"):
+        g.adjacency("circuit_tracer")

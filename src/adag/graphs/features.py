@@ -198,6 +198,9 @@ class TranscoderFeatures(NodeFamily):
     circuit-tracer's ``max_feature_nodes``, which ranks by influence)."""
 
     kind = "feature"
+    demeaned_logits = True
+    """the edge pass also traces every source's effect on the vocabulary mean of the logits
+    (``Graph.logit_mean_effect``: circuit-tracer's demeaned logit rows)"""
 
     def __init__(self, replacement: Replacement, *, max_nodes: int | None = None) -> None:
         self.rep = replacement

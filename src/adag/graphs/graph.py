@@ -113,6 +113,10 @@ class Graph:
     prompt: str = ""
     metric: float = 0.0
     settings: dict[str, Any] = field(default_factory=dict)
+    logit_mean_effect: np.ndarray | None = None
+    """``(N,)`` or None: each node's raw direct effect on the vocabulary mean of the logits
+    (``a_s · ∂ mean_v(logit_v) / ∂a_s``, 0 for logit nodes), traced for transcoder graphs so that
+    :meth:`adjacency` can give circuit-tracer's demeaned logit rows."""
 
     def __post_init__(self) -> None:
         n, e = len(self.node_ids), len(self.edge_source)
@@ -136,6 +140,8 @@ class Graph:
             "target_probs": (k,),
             "prompt_tokens": (t,),
         }
+        if self.logit_mean_effect is not None:
+            want["logit_mean_effect"] = (n,)
         for name, shape in want.items():
             v = getattr(self, name)
             got = tuple(v.shape) if isinstance(v, np.ndarray) else (len(v),)
@@ -205,16 +211,30 @@ class Graph:
           directions are demeaned), ours on the logit itself; and circuit-tracer zeroes features
           at a BOS position but keeps that position's embedding and error nodes, while adag
           (``exclude_bos``) leaves the whole position out.
+        - ``kind="circuit_tracer"``: ``"raw"`` with circuit-tracer's logit rows: the direct
+          effect on the logit minus the vocabulary mean of the logits,
+          ``A[t, s] − logit_mean_effect[s]`` (needs :attr:`logit_mean_effect`, traced for
+          transcoder graphs; with ``edge_threshold=0`` every source of a logit row is present).
         - ``kind="weight"``: ``edge_weight`` itself, ``A[t, s] / node_activation[t]``.
 
         Only the edges the graph holds are present (those with ``|w| >= edge_threshold``)."""
         import scipy.sparse as sp
 
-        if kind not in ("raw", "weight"):
-            raise AdagError(f"adjacency kind must be 'raw' or 'weight', got {kind!r}")
+        if kind not in ("raw", "weight", "circuit_tracer"):
+            raise AdagError(
+                f"adjacency kind must be 'raw', 'circuit_tracer' or 'weight', got {kind!r}"
+            )
         w = self.edge_weight.astype(np.float64)
-        if kind == "raw":
+        if kind != "weight":
             w = w * self.node_activation.astype(np.float64)[self.edge_target]
+        if kind == "circuit_tracer":
+            if self.logit_mean_effect is None:
+                raise AdagError(
+                    "this graph has no logit_mean_effect (neuron graphs do not trace it); "
+                    "use adjacency('raw') or trace with transcoders"
+                )
+            into_logit = self.mask("logit")[self.edge_target]
+            w = w - np.where(into_logit, self.logit_mean_effect[self.edge_source], 0.0)
         n = self.n_nodes
         return sp.csr_matrix((w, (self.edge_target, self.edge_source)), shape=(n, n))
 
@@ -288,7 +308,9 @@ class Graph:
             return NotImplemented
         for f in fields(self):
             a, b = getattr(self, f.name), getattr(other, f.name)
-            if isinstance(a, np.ndarray):
+            if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+                if not (isinstance(a, np.ndarray) and isinstance(b, np.ndarray)):
+                    return False
                 if a.shape != b.shape or a.dtype != b.dtype or not np.array_equal(a, b):
                     return False
             elif a != b:
@@ -309,6 +331,8 @@ class Graph:
 
         base = _base(path)
         arrays = {name: np.ascontiguousarray(getattr(self, name)) for name in ARRAY_FIELDS}
+        if self.logit_mean_effect is not None:  # optional: transcoder graphs only
+            arrays["logit_mean_effect"] = np.ascontiguousarray(self.logit_mean_effect)
         # one metadata entry: safetensors writes its metadata in a Rust HashMap's random order,
         # so two entries would make equal graphs differ byte for byte between saves
         data = save(arrays, metadata={"format": f"{FORMAT}/{FORMAT_VERSION}"})
@@ -362,6 +386,7 @@ class Graph:
         if missing:
             raise AdagError(f"graph {shown(base)} lacks {missing}; re-create it with Graph.save")
         kwargs: dict[str, Any] = {n: arrays[n] for n in ARRAY_FIELDS}
+        kwargs["logit_mean_effect"] = arrays.get("logit_mean_effect")
         kwargs.update({n: meta[n] for n in _JSON})
         return cls(**kwargs, metric=float(meta["metric"]), settings=meta.get("settings", {}))
 

@@ -300,6 +300,9 @@ def subgraph(graph: Graph, node_mask: np.ndarray, edge_mask: np.ndarray) -> Grap
         prompt=graph.prompt,
         metric=graph.metric,
         settings=copy.deepcopy(graph.settings),
+        logit_mean_effect=(
+            None if graph.logit_mean_effect is None else graph.logit_mean_effect[rows]
+        ),
     )
 
 

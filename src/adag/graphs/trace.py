@@ -252,7 +252,12 @@ def trace_tokens(
     )
     rows = max(1, min(config.batch_size, config.max_batch_tokens // clean.T))
     in_attr = input_attributions(model, clean, fams, kept, rows + 1)
-    edges = direct_edges(model, clean, fams, kept, rows, config.edge_threshold)
+    # circuit-tracer's logit rows are demeaned over the vocabulary: transcoder graphs also trace
+    # every source's direct effect on the mean logit
+    mean_logit = any(getattr(f, "demeaned_logits", False) for f in fams)
+    edges = direct_edges(
+        model, clean, fams, kept, rows, config.edge_threshold, mean_logit=mean_logit
+    )
     return assemble(
         model, clean, fams, kept, in_attr, emb_out, edges, config, prompt, extra_settings
     )
@@ -454,12 +459,16 @@ def direct_edges(
     kept: Sequence[Nodes],
     batch_size: int,
     edge_threshold: float,
-) -> tuple[Tensor, Tensor, Tensor]:
+    *,
+    mean_logit: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """Direct-effect edges among the kept nodes, as (source row, target row, weight) with rows
     numbered embeddings, each family's nodes, logits. One forward pass with every MLP stopped and
     each family's splice in ``"edges"`` mode; each backward pass seeds up to ``batch_size`` targets
     (logits at the last position, nodes by their family's seeds), deepest first so a pass rarely
-    reaches further down than it must."""
+    reaches further down than it must. With ``mean_logit``, one more row seeds the vocabulary
+    mean of the logits, and the fourth value is every source's raw direct effect on it
+    (``a_s · ∂ mean_v(logit_v) / ∂a_s``, unthresholded, one per source row); else None."""
     emb, dev, T, L = clean.emb, clean.emb.device, clean.T, model.n_layers
     embed_pos = clean.allowed.nonzero().flatten()
     E, K = len(embed_pos), len(clean.target_ids)
@@ -485,6 +494,12 @@ def direct_edges(
     t_row.append(E + n_all + torch.arange(K, device=dev))
     t_read.append(torch.full((K,), float(L), device=dev, dtype=torch.float64))
     t_val.append(clean.target_logits)
+    if mean_logit:  # the pseudo-target -2: the vocabulary mean of the logits (row -1: no edges)
+        t_fam.append(torch.full((1,), -2, device=dev))
+        t_idx.append(torch.zeros(1, dtype=torch.long, device=dev))
+        t_row.append(torch.full((1,), -1, device=dev))
+        t_read.append(torch.full((1,), float(L), device=dev, dtype=torch.float64))
+        t_val.append(torch.ones(1, dtype=clean.target_logits.dtype, device=dev))
     tf, ti, tr, tv = torch.cat(t_fam), torch.cat(t_idx), torch.cat(t_read), torch.cat(t_val)
     rows_of = torch.cat(t_row)
     order = torch.argsort(tr, descending=True, stable=True)
@@ -495,6 +510,7 @@ def direct_edges(
     ]
     B = min(batch_size, len(order))
     srcs, tgts, ws = [], [], []
+    mean_effect: Tensor | None = None
     with (
         linearize(model, mlp="stop"),
         model.sites(read=reads, grad=grads_at) as run,
@@ -516,16 +532,20 @@ def direct_edges(
             contrib = torch.cat(parts, dim=1)  # (b, E + n_all): a_s · ∂target/∂a_s
             w = contrib / tv[chunk][:, None]
             ok = (src_write[None, :] <= tr[chunk][:, None]) & (w.abs() >= edge_threshold)
+            is_mean = tf[chunk] == -2
+            if is_mean.any():
+                mean_effect = contrib[is_mean][0].clone()
+                ok &= ~is_mean[:, None]
             r, s_idx = ok.nonzero(as_tuple=True)
             srcs.append(s_idx)
             tgts.append(rows_of[chunk][r])
             ws.append(w[r, s_idx])
     if not srcs:
         empty = torch.zeros(0, dtype=torch.long, device=dev)
-        return empty, empty, torch.zeros(0, dtype=emb.dtype, device=dev)
+        return empty, empty, torch.zeros(0, dtype=emb.dtype, device=dev), mean_effect
     src, tgt, w = torch.cat(srcs), torch.cat(tgts), torch.cat(ws)
     o = torch.argsort(tgt * (E + n_all) + src)
-    return src[o], tgt[o], w[o]
+    return src[o], tgt[o], w[o], mean_effect
 
 
 def _stages(stage: Callable[[int], float], layers: Tensor) -> Tensor:
@@ -548,10 +568,12 @@ def _chunk_seeds(
     """The (output, seed) pairs of one edge-pass chunk: row ``r`` seeds target ``r``."""
     rows = torch.arange(len(fam), device=fam.device)
     pairs = []
-    is_logit = fam < 0
-    if is_logit.any():
+    is_logit = fam == -1
+    is_mean = fam == -2
+    if is_logit.any() or is_mean.any():
         s = torch.zeros_like(z)
         s[rows[is_logit], clean.target_ids[idx[is_logit]]] = 1.0
+        s[rows[is_mean]] = 1.0 / z.shape[-1]  # d mean_v(z_v)
         pairs.append((z, s))
     for fi, (f, n) in enumerate(zip(families, kept, strict=True)):
         mine = fam == fi
@@ -589,7 +611,7 @@ def assemble(
     kept: Sequence[Nodes],
     in_attr: Sequence[Tensor],
     emb_out: Tensor,
-    edges: tuple[Tensor, Tensor, Tensor],
+    edges: tuple[Tensor, Tensor, Tensor, Tensor | None],
     config: TraceConfig,
     prompt: str,
     extra_settings: Mapping[str, Any] | None,
@@ -624,7 +646,7 @@ def assemble(
         [torch.zeros(E, T, dtype=emb.dtype), *(a.cpu() for a in in_attr), emb_out.cpu()]
     )
     output_attr = col(emb_out[:, embed_pos].T.cpu(), "out_attr", torch.zeros(K, K, dtype=emb.dtype))
-    src, tgt, w = edges
+    src, tgt, w, mean_effect = edges
     flow = w.cpu() * attribution[tgt.cpu()] / clean.metric
     target_tokens = [tok_str(t) for t in tid.tolist()]
     settings = {
@@ -668,6 +690,11 @@ def assemble(
         prompt=prompt,
         metric=clean.metric,
         settings=settings,
+        logit_mean_effect=(
+            None
+            if mean_effect is None
+            else np.concatenate([_np(mean_effect), np.zeros(K, dtype=_np(mean_effect).dtype)])
+        ),
     )
 
 
