@@ -29,10 +29,15 @@ Where things live (each layer imports only from the ones above it):
 - ``graphs.config``     TraceConfig: every tracing setting; its content fields are the resume key
 - ``graphs.family``     the node-family interface (where a node kind is read, seeded, written)
 - ``graphs.neurons``    MLP neurons as a node family (closed-form relp seeds)
+- ``graphs.features``   transcoder features and error nodes as node families: the local
+                        replacement model of circuit tracing (frozen patterns, norms and errors)
+- ``graphs.scores``     circuit-tracer's replacement and completeness scores
 - ``graphs.trace``      trace: clean run, node attribution, input attribution, edges, assembly
 - ``graphs.graph``      Graph: the one graph type, lossless save/load (safetensors + JSON)
 - ``graphs.prune``      influence pruning (circuit-tracer's rule)
 - ``graphs.export``     circuit-tracer / Neuronpedia viewer JSON (write-only) and its index
+- ``transcoders``       PLT/CLT transcoders (encode, decode), readers of circuit-tracer, SAELens,
+                        GemmaScope and our own layouts (``formats``), training (``train``)
 - ``profiles``          attribution profiles of graph nodes (long table)
 - ``clusters``          ADAG's multi-view similarity (``similarity``), spectral clustering and
                         baselines (``spectral``), diagnostics, the Clusters type, behaviour
@@ -43,7 +48,8 @@ Where things live (each layer imports only from the ones above it):
 - ``describe``          ADAG's explainer–simulator on both sides (``records``: activation records,
                         quantile highlights, rescaling; ``prompts``: the versioned templates and
                         few-shot data; ``scoring``: Pearson r), baselines, labels; ``judge``
-- ``steer``             steering units and clusters by a factor, steered generation, the summary
+- ``steer``             steering units and clusters by a factor, steered generation, the summary;
+                        ``steer.intervene``: transcoder feature interventions
 - ``pipeline.resume``   resume keys: a stage skips outputs written under the same key
 - ``pipeline.trace``    the trace stage: graphs/, viewer/, profiles.parquet of a run directory
 - ``pipeline.patch``    the patch stage: patching/ tables, plots and evaluation
@@ -88,6 +94,11 @@ _EXPORTS = {
     "make_llm": "adag.describe.llm",
     "LLMConfig": "adag.describe.llm",
     "run": "adag.pipeline.run",
+    "Transcoders": "adag.transcoders",
+    "load_transcoders": "adag.transcoders",
+    "save_transcoders": "adag.transcoders",
+    "intervene": "adag.steer.intervene",
+    "graph_scores": "adag.graphs.scores",
     "RunConfig": "adag.pipeline.config",
 }
 
@@ -104,18 +115,23 @@ __all__ = [
     "RunConfig",
     "SiteRun",
     "TraceConfig",
+    "Transcoders",
     "__version__",
     "atp",
     "atp_star",
     "cluster",
     "describe",
     "generate",
+    "graph_scores",
+    "intervene",
     "judge",
     "linearize",
     "load_model",
+    "load_transcoders",
     "make_llm",
     "profile",
     "run",
+    "save_transcoders",
     "steer",
     "trace",
 ]
@@ -127,6 +143,7 @@ if TYPE_CHECKING:
     from adag.errors import AdagError
     from adag.graphs.config import TraceConfig
     from adag.graphs.graph import Graph
+    from adag.graphs.scores import graph_scores
     from adag.graphs.trace import trace
     from adag.models.linear import linearize
     from adag.models.load import load_model
@@ -138,6 +155,8 @@ if TYPE_CHECKING:
     from adag.pipeline.run import run
     from adag.profiles import profile
     from adag.steer import generate, steer
+    from adag.steer.intervene import intervene
+    from adag.transcoders import Transcoders, load_transcoders, save_transcoders
     from adag.tasks.pairs import PromptPair
 
 
