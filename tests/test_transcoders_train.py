@@ -15,7 +15,7 @@ import torch
 
 from adag.errors import AdagError
 from adag.models.model import Model
-from adag.transcoders import Transcoders, load_transcoders
+from adag.transcoders import Transcoders, load_transcoders, save_transcoders
 from adag.transcoders.train import (
     CHECKPOINT_JSON,
     METRICS_JSON,
@@ -140,7 +140,7 @@ class Kill(Exception):
 
 def killer(at: int) -> Any:
     def progress(p: TrainProgress) -> None:
-        if p.step == at:
+        if p.phase == "train" and p.step == at:
             raise Kill
 
     return progress
@@ -172,8 +172,9 @@ def test_killed_run_resumes_to_the_same_weights(
     assert ck["step"] == resumes_at
     seen: list[TrainProgress] = []
     resumed = train(model, tmp_path / "cut", checkpoint_every=every, progress=seen.append, **kw)
-    assert seen[0].resumed_from == resumes_at and seen[0].step == resumes_at + 1
-    assert seen[-1].step == 20
+    steps = [p.step for p in seen if p.phase == "train"]
+    assert steps == list(range(resumes_at, 21))  # once at the start, then after every step
+    assert {p.resumed_from for p in seen} == {resumes_at}
     assert same(whole, resumed)
     assert metrics(tmp_path / "cut")["resumed_from"] == resumes_at
     # a finished run is not trained again
@@ -192,9 +193,18 @@ def test_other_settings_refuse_to_resume(model: Model, tmp_path: Path) -> None:
         train(model, tmp_path, n_tokens=2560, token_batches=batches(seed=1))
     seen: list[TrainProgress] = []
     train(model, tmp_path, n_tokens=2560, lr=1e-3, force=True, progress=seen.append)
-    assert seen[0].step == 0 and seen[0].resumed_from is None
+    assert seen[-1].step == 20 and seen[-1].resumed_from is None
     with pytest.raises(AdagError, match="trained with other settings"):
         train(model, tmp_path, n_tokens=2560)
+
+
+def test_foreign_transcoders_are_not_overwritten(model: Model, tmp_path: Path) -> None:
+    first = train(model, tmp_path / "a", n_tokens=256)
+    save_transcoders(first, tmp_path / "b")
+    with pytest.raises(AdagError, match="not trained here"):
+        train(model, tmp_path / "b", n_tokens=256)
+    train(model, tmp_path / "b", n_tokens=256, force=True)
+    assert metrics(tmp_path / "b")["steps"] == 2
 
 
 def test_streaming_holds_at_most_one_buffer(model: Model, tmp_path: Path) -> None:
@@ -207,12 +217,19 @@ def test_streaming_holds_at_most_one_buffer(model: Model, tmp_path: Path) -> Non
             yield b
 
     at_start: list[int] = []
+    seen: list[TrainProgress] = []
 
     def progress(p: TrainProgress) -> None:
-        if p.step == 0:
+        seen.append(p)
+        if p.phase == "train" and p.step == 0:
             at_start.append(drawn)
 
     train(model, tmp_path, n_tokens=8192, token_batches=counted(), progress=progress)
+    data = [p.data_tokens for p in seen if p.phase == "data"]
+    assert data == list(range(256, 8192 + 512 + 1, 256))  # 8 rows of 32 tokens a group
+    last = seen[-1]
+    assert (last.phase, last.step, last.total_steps, last.tokens) == ("train", 64, 64, 8192)
+    assert len(last.fvu) == len(last.l0) == len(last.dead) == LAYERS and last.loss > 0
     m = metrics(tmp_path)
     assert m["tokens"] == 8192 > 4 * m["buffer_tokens"]
     assert 0 < m["peak_buffer_rows"] <= m["buffer_tokens"] == SMALL["buffer_tokens"]

@@ -69,7 +69,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
@@ -265,9 +265,12 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class TrainProgress:
-    """What the progress callback receives after every step (and once with ``step == 0`` when
-    the data are ready and training starts)."""
+    """What the progress callback receives: after every training step (``phase == "train"``;
+    also once when training starts or resumes, before its first step) and after every group of
+    sequences the model has run or sampled (``phase == "data"``: reading the held-out set or
+    filling a buffer, which for self-generated text takes a while)."""
 
+    phase: Literal["data", "train"]
     step: int
     """Steps done."""
     total_steps: int
@@ -287,6 +290,8 @@ class TrainProgress:
     lr: float
     resumed_from: int | None = None
     """The step the run resumed from, or None for a fresh run."""
+    data_tokens: int = 0
+    """Tokens of activations read from the model so far in this process (held-out included)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -535,8 +540,14 @@ class _Buffer:
         self.rows = 0
         self.peak = 0
 
-    def fill(self, reader: _Reader, acts: Callable[[_Group], tuple[Tensor, Tensor]]) -> int:
-        """Empty the buffer and fill it with whole groups from ``reader``; returns the rows."""
+    def fill(
+        self,
+        reader: _Reader,
+        acts: Callable[[_Group], tuple[Tensor, Tensor]],
+        on_group: Callable[[int], None],
+    ) -> int:
+        """Empty the buffer and fill it with whole groups from ``reader`` (calling ``on_group``
+        with the rows of each); returns the rows."""
         self.rows = 0
         while (g := reader.peek()) is not None and self.rows + g.rows <= self.capacity:
             reader.take()
@@ -546,6 +557,7 @@ class _Buffer:
             self.x[:, self.rows : self.rows + n] = x
             self.y[:, self.rows : self.rows + n] = y
             self.rows += n
+            on_group(n)
         if self.rows == 0 and (g := reader.peek()) is not None:
             raise AdagError(
                 f"a group of {g.rows} tokens does not fit the buffer of {self.capacity}; raise "
@@ -762,16 +774,19 @@ def train_transcoders(
     ``self_generate=True`` (text sampled from the model at temperature 1). The first
     ``heldout_tokens`` are held out for the metrics. The knobs are the fields of
     :class:`TrainConfig`; ``checkpoint_every`` (steps) and ``progress`` (called with a
-    :class:`TrainProgress` after every step) do not change the result.
+    :class:`TrainProgress` after every step and every group of sequences read) do not change the
+    result.
 
-    A rerun with the same settings and data resumes from ``out/checkpoint.json``, or returns the
-    finished transcoders at once; other settings are refused with a one-line error unless
-    ``force`` (which starts over).
+    A rerun with the same settings and data (the data are compared by their held-out tokens)
+    resumes from ``out/checkpoint.json``, or returns the finished transcoders at once; other
+    settings are refused with a one-line error unless ``force`` (which starts over). A
+    directory holding transcoders that were not trained here is refused too.
 
     >>> tc = train_transcoders(model, out="tc", n_features=2048, n_tokens=100_000,
     ...                        self_generate=True)                          # doctest: +SKIP
     """
     from adag.transcoders import load_transcoders, save_transcoders
+    from adag.transcoders.formats import JSON_NAME
 
     cfg = TrainConfig(
         n_features=n_features,
@@ -858,6 +873,11 @@ def train_transcoders(
             f"{_differing(settings, done.get('settings'))}); choose another --out, or pass "
             "force=True (--force) to train over them"
         )
+    if done is None and not force and (out_dir / JSON_NAME).exists():
+        raise AdagError(
+            f"{shown(out_dir)} holds transcoders that were not trained here (no {METRICS_JSON}); "
+            "choose another --out, or pass force=True (--force) to train over them"
+        )
     resume: dict[str, Any] | None = None
     if ck_json.exists() and not force:
         resume = _read_json(ck_json)
@@ -909,13 +929,8 @@ class _Run:
         self.store = torch.float64 if model.dtype == torch.float64 else torch.float32
         if model.dtype in (torch.float16, torch.bfloat16):
             self.store = model.dtype  # keep the buffers half as large
-        held_x, held_y = [], []
-        for g in heldout_groups:
-            x, y = acts(g)
-            held_x.append(x.to(self.store))
-            held_y.append(y.to(self.store))
-        self.held_x = torch.cat(held_x, dim=1)  # (L, H, d)
-        self.held_y = torch.cat(held_y, dim=1)
+        self.heldout_groups = heldout_groups
+        self.held_x = self.held_y = torch.empty(0)  # (L, H, d), read when training starts
         self.first_group = reader.pos
         self.buffer = _Buffer(n, cfg.buffer_tokens, d, self.store)
         self.net = _Net(cfg, n, d, self.dtype)
@@ -928,6 +943,7 @@ class _Run:
         self.ema_fvu = [math.nan] * n
         self.ema_l0 = [math.nan] * n
         self.exhausted = False
+        self.data_tokens = 0
 
     # -- batches -----------------------------------------------------------------------------
 
@@ -1179,15 +1195,16 @@ class _Run:
         else:
             st = _State(buffer_start=self.first_group)
             resumed_from = None
-        self.reader.seek(st.buffer_start)
         initialized = restore = resume is not None
+        last_loss = math.nan
 
-        def report(loss: float) -> None:
+        def report(phase: Literal["data", "train"]) -> None:
             if progress is None:
                 return
             dead = (self.since_fired >= cfg.dead_window).double().mean(-1).tolist()
             progress(
                 TrainProgress(
+                    phase=phase,
                     step=st.step,
                     total_steps=total,
                     tokens=st.step * n_batch,
@@ -1196,15 +1213,31 @@ class _Run:
                     fvu=list(self.ema_fvu),
                     l0=list(self.ema_l0),
                     dead=dead,
-                    loss=loss,
+                    loss=last_loss,
                     lr=_lr_at(cfg, min(st.step, total - 1)),
                     resumed_from=resumed_from,
+                    data_tokens=self.data_tokens,
                 )
             )
 
+        def on_group(rows: int) -> None:
+            self.data_tokens += rows
+            report("data")
+
+        held_x, held_y = [], []
+        for g in self.heldout_groups:
+            x, y = self.acts(g)
+            held_x.append(x.to(self.store))
+            held_y.append(y.to(self.store))
+            on_group(x.shape[1])
+        self.held_x = torch.cat(held_x, dim=1)  # (L, H, d)
+        self.held_y = torch.cat(held_y, dim=1)
+        self.reader.seek(st.buffer_start)
+        started = False
+
         while st.step < total:
             st.buffer_start = self.reader.pos
-            rows = self.buffer.fill(self.reader, self.acts)
+            rows = self.buffer.fill(self.reader, self.acts, on_group)
             n_batches = rows // n_batch
             if n_batches == 0:
                 self.exhausted = True
@@ -1217,7 +1250,9 @@ class _Run:
                 self._init_from(bx[:, :rows], by[:, :rows])
                 self.fvu_init = self._eval_net()
                 initialized = True
-                report(math.nan)
+            if not started:
+                report("train")
+                started = True
             if restore:  # the first buffer of a resumed run: the saved shuffle state
                 assert st.rng is not None
                 self.gen.set_state(st.rng)
@@ -1229,7 +1264,7 @@ class _Run:
             for b in range(st.batch_in_buffer, n_batches):
                 idx = perm[b * n_batch : (b + 1) * n_batch]
                 x, y = self._norm(bx[:, idx], by[:, idx])
-                loss = self._step(x, y, st.step)
+                last_loss = self._step(x, y, st.step)
                 st.step += 1
                 st.batch_in_buffer = b + 1
                 if st.step % checkpoint_every == 0 and st.step < total:
@@ -1239,7 +1274,7 @@ class _Run:
                         )
                     else:
                         self._save_checkpoint(st)
-                report(loss)
+                report("train")
                 if st.step >= total:
                     break
             st.batch_in_buffer = 0
