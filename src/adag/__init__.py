@@ -156,8 +156,8 @@ if TYPE_CHECKING:
     from adag.profiles import profile
     from adag.steer import generate, steer
     from adag.steer.intervene import intervene
-    from adag.transcoders import Transcoders, load_transcoders, save_transcoders
     from adag.tasks.pairs import PromptPair
+    from adag.transcoders import Transcoders, load_transcoders, save_transcoders
 
 
 def __getattr__(name: str) -> Any:
