@@ -137,6 +137,8 @@ def worker_adag(a: argparse.Namespace) -> dict:
         batch_size=a.batch_size,
         max_batch_tokens=a.max_batch_tokens or a.batch_size * len(ids),
     )
+    cold = _rss_mb()
+    adag.trace(model, ids[:4], transcoders=tc, **opts)  # warm-up: pages in lazily loaded weights
     rss0 = _rss_mb()
     _reset_hwm()
     times = []
@@ -151,6 +153,7 @@ def worker_adag(a: argparse.Namespace) -> dict:
     out = {
         "tool": "adag",
         "times": times,
+        "rss_cold_mb": cold,
         "rss_before_mb": rss0,
         "trace_peak_mb": hwm,
         "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -160,7 +163,7 @@ def worker_adag(a: argparse.Namespace) -> dict:
         "targets": g.target_ids.tolist(),
     }
     if a.save:
-        A = g.adjacency("raw").tocoo()
+        A = g.adjacency("circuit_tracer").tocoo()
         kinds = np.array(
             [{"embed": 0, "feature": 1, "error": 2, "logit": 3}[k] for k in g.node_kinds]
         )
@@ -228,6 +231,8 @@ def worker_ct(a: argparse.Namespace) -> dict:
     del hf
     gc.collect()
     ids = torch.tensor(json.loads(a.ids))
+    cold = _rss_mb()
+    attribute(ids[:4], model, max_n_logits=10, desired_logit_prob=0.95, batch_size=a.batch_size)
     rss0 = _rss_mb()
     _reset_hwm()
     times = []
@@ -250,6 +255,7 @@ def worker_ct(a: argparse.Namespace) -> dict:
     out = {
         "tool": "circuit-tracer",
         "times": times,
+        "rss_cold_mb": cold,
         "rss_before_mb": rss0,
         "trace_peak_mb": hwm,
         "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

@@ -495,3 +495,33 @@ def test_neuron_graphs_have_no_logit_mean_effect():
     assert g.logit_mean_effect is None
     with pytest.raises(AdagError, match="no logit_mean_effect"):
         g.adjacency("circuit_tracer")
+
+
+class _BosTokenizer:
+    """Just enough of a tokenizer for a leading BOS: its id and a decoder."""
+
+    bos_token_id = 5
+
+    def decode(self, ids):
+        return "".join(f"<{i}>" for i in ids)
+
+
+def test_bos_embedding_is_a_source_only_node():
+    """As in circuit-tracer: with a leading BOS the position has no features or errors, but its
+    token embedding is a node whose direct effects on later nodes are edges (measured here)."""
+    m = tiny_model("llama")
+    m.tokenizer = _BosTokenizer()  # type: ignore[assignment]
+    raw = Raw(m, "plt", "jumprelu")
+    ids = torch.randint(0, 61, (T,), generator=torch.Generator().manual_seed(1))
+    ids[0] = _BosTokenizer.bos_token_id
+    g = trace(m, ids, transcoders=raw.transcoders(), node_threshold=0.002, edge_threshold=0.0)[0]
+    bos = g.node_ids.index("embed:0")
+    assert not (g.node_position[~g.mask("embed") & ~g.mask("logit")] == 0).any()
+    assert not (g.edge_target == bos).any()
+    assert g.settings["excluded_positions"] == [0]
+    sources, targets = _columns(g, n_features=20)
+    want = measured_edges(m, raw, ids, g, sources, targets)
+    got = _graph_block(g, sources, targets)
+    col = int(np.flatnonzero(sources == bos)[0])
+    assert want[:, col].abs().max() > 0
+    torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-9)

@@ -26,7 +26,7 @@ and error nodes are the next.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -35,6 +35,9 @@ from torch import Tensor
 if TYPE_CHECKING:
     from adag.models.model import Model
     from adag.models.sites import SiteRun
+
+EdgeSource = Callable[[Mapping[str, Tensor], int], Tensor]
+"""One family's nodes of one layer as sources of the edge pass: ``(grads, rows) -> (rows, n)``."""
 
 Mode = Literal["clean", "attribution", "edges", "replica"]
 """The forward passes of a trace: the clean run (values), the attribution pass (linearised
@@ -72,6 +75,10 @@ class NodeFamily:
     kind: str = ""
     can_be_target: bool = True
     """whether edges into this family's nodes are traced (error nodes: no)"""
+    bos_embedding: bool = False
+    """keep the embedding of an excluded leading BOS position as a source-only node (as
+    circuit-tracer keeps its BOS token node): the BOS position has no other nodes, but its
+    embedding's direct effects on later nodes are edges"""
 
     def layers(self, model: Model) -> list[int]:
         """The layers that have nodes of this family."""
@@ -134,6 +141,31 @@ class NodeFamily:
         forming it for every entry of the site."""
         return grad[:, pos, idx] * act
 
+    def edge_grad_sites(self, model: Model, layer: int) -> list[str]:
+        """The sites whose gradients in the edge pass give the direct effects on this family's
+        nodes of ``layer`` as sources (:meth:`edge_source`); default: :meth:`site`."""
+        return [self.site(layer)]
+
+    def edge_source(
+        self,
+        model: Model,
+        clean: Mapping[str, Tensor],
+        layer: int,
+        pos: Tensor,
+        idx: Tensor,
+        act: Tensor,
+    ) -> EdgeSource:
+        """The given nodes of ``layer`` as sources of the edge pass: prepared once per trace, the
+        returned function maps the gradients at :meth:`edge_grad_sites` and a row count ``b`` to
+        ``(b, n)``: ``a_s · ∂target/∂a_s`` for the first ``b`` rows."""
+        site = self.site(layer)
+        x = clean[site]
+
+        def contributions(grads: Mapping[str, Tensor], rows: int) -> Tensor:
+            return self.source_contributions(grads[site][:rows], x, pos, idx, act)
+
+        return contributions
+
     def seeds(
         self,
         model: Model,
@@ -164,4 +196,4 @@ def spliced(
         yield
 
 
-__all__ = ["Mode", "NodeFamily", "Nodes", "spliced"]
+__all__ = ["EdgeSource", "Mode", "NodeFamily", "Nodes", "spliced"]

@@ -49,13 +49,13 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from adag.graphs.family import Mode, NodeFamily
+from adag.graphs.family import EdgeSource, Mode, NodeFamily
 from adag.models.sites import Session
 
 if TYPE_CHECKING:
@@ -79,6 +79,41 @@ def feature_site(layer: int) -> str:
 def error_site(layer: int) -> str:
     """The error vector of ``layer``: ``batch pos d_model``."""
     return f"blocks.{layer}.transcoder.hook_error"
+
+
+def mlp_in_site(layer: int) -> str:
+    """The MLP input of ``layer`` (after its norm): ``batch pos d_model``."""
+    return f"blocks.{layer}.mlp.hook_in"
+
+
+class PositionRows:
+    """``n`` vectors ``w[k]`` at positions ``pos[k]``, padded into one ``(U, n_max, d)`` block
+    per used position, so that ``out[b, k] = g[b, pos[k]] · w[k]`` for a ``(B, T, d)`` gradient is
+    one batched matrix product (``U`` positions × ``(B, d) @ (d, n_max)``) instead of a gather
+    of ``(B, n, d)``."""
+
+    def __init__(self, pos: Tensor, w: Tensor, T: int) -> None:
+        n, d = w.shape
+        counts = torch.bincount(pos, minlength=T)
+        self.used = counts.nonzero().flatten()
+        compact = torch.full((T,), -1, dtype=torch.long, device=pos.device)
+        compact[self.used] = torch.arange(len(self.used), device=pos.device)
+        order = torch.argsort(pos, stable=True)
+        starts = torch.cumsum(counts, 0) - counts
+        slot = torch.empty_like(pos)
+        slot[order] = torch.arange(n, device=pos.device) - starts[pos[order]]
+        self.cpos, self.slot = compact[pos], slot
+        width = int(counts.max()) if n else 0
+        self.w = w.new_zeros(len(self.used), width, d)
+        self.w[self.cpos, slot] = w
+
+    def dot(self, g: Tensor) -> Tensor:
+        """``(B, n)`` from ``g (B, T, d)``."""
+        if not len(self.cpos):
+            return g.new_zeros(g.shape[0], 0)
+        gu = g[:, self.used].transpose(0, 1).to(self.w.dtype)  # (U, B, d)
+        r = torch.bmm(gu, self.w.transpose(1, 2))  # (U, B, n_max)
+        return r[self.cpos, :, self.slot].T
 
 
 def _swap_grad(value: Tensor, surrogate: Tensor) -> Tensor:
@@ -162,6 +197,11 @@ class ReplacementSplice(Session):
         return self._replace(layer, x)
 
     def _encode(self, layer: int, x: Tensor) -> None:
+        if self.mode == "edges":
+            # the features are constants of the clean run: no encoder runs; the target seeds
+            # are ``r · W_enc[i]`` at the MLP input and the sources' effects are read from the
+            # error sites' gradients through the active decoder rows (sparse)
+            return
         tc, publish = self.rep.tc, self.model.publish
         pre = publish(pre_site(layer), tc.pre_activation(layer, x))
         if self.mode == "clean":
@@ -178,8 +218,27 @@ class ReplacementSplice(Session):
                 act = r * pre
         self.acts[layer] = publish(feature_site(layer), act)
 
+    def _edge_constant(self, layer: int) -> Tensor:
+        """The clean reconstruction of ``layer`` without its skip term, ``(pos, d_model)``."""
+        assert self.clean is not None
+        tc = self.rep.tc
+        acts = {s: self.clean[feature_site(s)] for s in tc.sources(layer)}
+        out: Tensor = tc.b_dec[tc.index(layer)]
+        for s, a in acts.items():
+            out = out + a @ tc.decoder(s, layer)
+        return out
+
     def _replace(self, layer: int, x: Tensor) -> Tensor:
         rep = self.rep
+        if self.mode == "edges":
+            # MLP output = clean feature decodes (constant) + skip (live) + error (a site)
+            err = self.model.publish(error_site(layer), self._clean(error_site(layer), x))
+            if layer not in rep.covered:
+                return err
+            out = err + self._edge_constant(layer).to(err.dtype)
+            if rep.tc.W_skip is not None:
+                out = out + rep.tc.skip(layer, self.inputs[layer])
+            return out
         recon = (
             rep.reconstruction(layer, self.acts, self.inputs.get(layer))
             if layer in rep.covered
@@ -192,12 +251,22 @@ class ReplacementSplice(Session):
         return err if recon is None else recon + err
 
 
+@contextlib.contextmanager
+def _spliced(model: Model, splice: ReplacementSplice) -> Iterator[None]:
+    with contextlib.ExitStack() as stack:
+        if splice.mode != "clean":  # the replaced MLPs' outputs are discarded: skip them
+            stack.enter_context(model.skip_mlps(range(model.n_layers)))
+        stack.enter_context(model.session(splice))
+        yield
+
+
 class TranscoderFeatures(NodeFamily):
     """Transcoder features ``feature:L:P:I`` (see the module docstring). ``max_nodes``: keep at
     most this many features, those of largest ``|attribution|`` (the ADAG analogue of
     circuit-tracer's ``max_feature_nodes``, which ranks by influence)."""
 
     kind = "feature"
+    bos_embedding = True
     demeaned_logits = True
     """the edge pass also traces every source's effect on the vocabulary mean of the logits
     (``Graph.logit_mean_effect``: circuit-tracer's demeaned logit rows)"""
@@ -229,12 +298,43 @@ class TranscoderFeatures(NodeFamily):
         return [pre_site(layer) for layer in self.rep.covered]
 
     def edge_sites(self, model: Model, layers: Sequence[int]) -> list[str]:
-        return [pre_site(layer) for layer in layers]
+        return [mlp_in_site(layer) for layer in layers]
+
+    def edge_grad_sites(self, model: Model, layer: int) -> list[str]:
+        return [error_site(t) for t in self.rep.tc.targets(layer)]
+
+    def edge_source(
+        self,
+        model: Model,
+        clean: Mapping[str, Tensor],
+        layer: int,
+        pos: Tensor,
+        idx: Tensor,
+        act: Tensor,
+    ) -> EdgeSource:
+        # a_s · Σ_t ∂target/∂mlp_out_t · W_dec[s→t][i]: the active decoder rows only, scaled by
+        # their activations and grouped by position once per trace
+        tc = self.rep.tc
+        T = clean[feature_site(layer)].shape[0]
+        blocks = []
+        for t in tc.targets(layer):
+            w = tc.decoder(layer, t)[idx].to(act.dtype) * act[:, None]
+            blocks.append((error_site(t), PositionRows(pos, w, T)))
+
+        def contributions(grads: Mapping[str, Tensor], rows: int) -> Tensor:
+            out: Tensor | None = None
+            for site, block in blocks:
+                part = block.dot(grads[site][:rows])
+                out = part if out is None else out + part
+            assert out is not None
+            return out
+
+        return contributions
 
     def splice(
         self, model: Model, mode: Mode, clean: Mapping[str, Tensor] | None
     ) -> contextlib.AbstractContextManager[object]:
-        return model.session(ReplacementSplice(model, self.rep, mode, clean))
+        return _spliced(model, ReplacementSplice(model, self.rep, mode, clean))
 
     def seeds(
         self,
@@ -246,10 +346,12 @@ class TranscoderFeatures(NodeFamily):
         pos: Tensor,
         idx: Tensor,
     ) -> list[tuple[Tensor, Tensor]]:
+        # pre = x @ W_enc.T + b_enc: the seed of r · pre at the MLP input x is r · W_enc[i]
         r = _ratio(clean[feature_site(layer)][pos, idx], clean[pre_site(layer)][pos, idx])
-        x = run.value(pre_site(layer))
+        x = run.value(mlp_in_site(layer))
+        w = self.rep.tc.W_enc[self.rep.tc.index(layer)]
         s = torch.zeros_like(x)
-        s[rows, pos, idx] = r.to(x.dtype)
+        s[rows, pos] = r.to(x.dtype)[:, None] * w[idx].to(x.dtype)
         return [(x, s)]
 
     def settings(self, model: Model) -> dict[str, Any]:
@@ -300,7 +402,7 @@ class ErrorNodes(NodeFamily):
     def source_contributions(
         self, grad: Tensor, x: Tensor, pos: Tensor, idx: Tensor, act: Tensor
     ) -> Tensor:
-        return torch.einsum("bnd,nd->bn", grad[:, pos], x[pos])
+        return torch.einsum("btd,td->bt", grad, x)[:, pos]
 
     def seeds(
         self,
@@ -325,11 +427,13 @@ def replacement_families(
 
 __all__ = [
     "ErrorNodes",
+    "PositionRows",
     "Replacement",
     "ReplacementSplice",
     "TranscoderFeatures",
     "error_site",
     "feature_site",
+    "mlp_in_site",
     "pre_site",
     "replacement_families",
 ]

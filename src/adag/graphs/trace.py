@@ -273,6 +273,7 @@ class Clean:
 
     tokens: Tensor  # (1, T)
     allowed: Tensor  # (T,) positions that may hold nodes
+    embed_pos: Tensor  # positions with an embedding node (allowed, and BOS where kept)
     excluded: list[int]
     values: dict[str, Tensor]  # each (T, ...)
     batch1: dict[str, Tensor]  # the same, (1, T, ...), for the linear replica
@@ -307,6 +308,11 @@ def clean_run(
     excluded = [0] if config.exclude_bos and bos is not None and int(tokens[0, 0]) == bos else []
     allowed = torch.ones(T, dtype=torch.bool, device=tokens.device)
     allowed[excluded] = False
+    embed_pos = (
+        torch.arange(T, device=tokens.device)
+        if any(f.bos_embedding for f in families)
+        else allowed.nonzero().flatten()
+    )
     reads = [EMBED, *replica_sites(model)]
     for f in families:
         reads += [f.site(layer) for layer in f.layers(model)] + f.clean_sites(model)
@@ -333,6 +339,7 @@ def clean_run(
     return Clean(
         tokens=tokens,
         allowed=allowed,
+        embed_pos=embed_pos,
         excluded=excluded,
         values={n: v[0] for n, v in run.cache.items()},
         batch1=dict(run.cache),
@@ -470,7 +477,7 @@ def direct_edges(
     mean of the logits, and the fourth value is every source's raw direct effect on it
     (``a_s · ∂ mean_v(logit_v) / ∂a_s``, unthresholded, one per source row); else None."""
     emb, dev, T, L = clean.emb, clean.emb.device, clean.T, model.n_layers
-    embed_pos = clean.allowed.nonzero().flatten()
+    embed_pos = clean.embed_pos
     E, K = len(embed_pos), len(clean.target_ids)
     sizes = [len(n) for n in kept]
     offset = np.concatenate([[E], E + np.cumsum(sizes)]).tolist()  # first row of each family
@@ -505,11 +512,27 @@ def direct_edges(
     order = torch.argsort(tr, descending=True, stable=True)
     src_layers = [sorted(set(n.layer.tolist())) for n in kept]
     reads = [s for f, ls in zip(families, src_layers, strict=True) for s in f.edge_sites(model, ls)]
-    grads_at = [EMBED] + [
-        f.site(layer) for f, ls in zip(families, src_layers, strict=True) for layer in ls
-    ]
+    grads_at = list(
+        dict.fromkeys(
+            [EMBED]
+            + [
+                s
+                for f, ls in zip(families, src_layers, strict=True)
+                for layer in ls
+                for s in f.edge_grad_sites(model, layer)
+            ]
+        )
+    )
+    sources = []  # every family's nodes per layer, prepared once
+    for f, n, ls in zip(families, kept, src_layers, strict=True):
+        for layer in ls:
+            sel = n.of_layer(layer)
+            sources.append(
+                f.edge_source(model, clean.values, layer, n.pos[sel], n.idx[sel], n.act[sel])
+            )
     B = min(batch_size, len(order))
-    srcs, tgts, ws = [], [], []
+    counts = torch.zeros(E + n_all + K, dtype=torch.long, device=dev)  # edges per target row
+    pieces = []
     mean_effect: Tensor | None = None
     with (
         linearize(model, mlp="stop"),
@@ -519,16 +542,13 @@ def direct_edges(
         z = model(clean.tokens.expand(B, T), last_only=True)[:, -1]  # (B, d_vocab)
         for sl in _chunks(len(order), B):
             chunk = order[sl]
+            # rows by target row: the chunk's edges come out sorted by (target, source)
+            chunk = chunk[torch.argsort(rows_of[chunk])]
             b = len(chunk)
             pairs = _chunk_seeds(model, run, clean, families, kept, z, tf[chunk], ti[chunk])
             grads = run.vjp([o for o, _ in pairs], [s for _, s in pairs], retain_graph=True)
             parts = [torch.einsum("bpd,pd->bp", grads[EMBED][:b], emb)[:, embed_pos]]
-            for f, n, ls in zip(families, kept, src_layers, strict=True):
-                for layer in ls:
-                    sel = n.of_layer(layer)
-                    x = clean.values[f.site(layer)]
-                    g = grads[f.site(layer)][:b]
-                    parts.append(f.source_contributions(g, x, n.pos[sel], n.idx[sel], n.act[sel]))
+            parts += [source(grads, b) for source in sources]
             contrib = torch.cat(parts, dim=1)  # (b, E + n_all): a_s · ∂target/∂a_s
             w = contrib / tv[chunk][:, None]
             ok = (src_write[None, :] <= tr[chunk][:, None]) & (w.abs() >= edge_threshold)
@@ -537,15 +557,24 @@ def direct_edges(
                 mean_effect = contrib[is_mean][0].clone()
                 ok &= ~is_mean[:, None]
             r, s_idx = ok.nonzero(as_tuple=True)
-            srcs.append(s_idx)
-            tgts.append(rows_of[chunk][r])
-            ws.append(w[r, s_idx])
-    if not srcs:
-        empty = torch.zeros(0, dtype=torch.long, device=dev)
-        return empty, empty, torch.zeros(0, dtype=emb.dtype, device=dev), mean_effect
-    src, tgt, w = torch.cat(srcs), torch.cat(tgts), torch.cat(ws)
-    o = torch.argsort(tgt * (E + n_all) + src)
-    return src[o], tgt[o], w[o], mean_effect
+            cnt = torch.bincount(r, minlength=b)
+            trows = rows_of[chunk]
+            counts[trows[cnt > 0]] += cnt[cnt > 0]
+            pieces.append((trows, cnt, s_idx.to(torch.int32), w[r, s_idx]))
+    # place each chunk's edges at their target rows' offsets (int32 indices, no global sort)
+    offsets = torch.cumsum(counts, 0) - counts
+    n_e = int(counts.sum())
+    src = torch.empty(n_e, dtype=torch.int32, device=dev)
+    tgt = torch.empty(n_e, dtype=torch.int32, device=dev)
+    wout = torch.empty(n_e, dtype=emb.dtype, device=dev)
+    pieces.reverse()
+    while pieces:
+        trows, cnt, s_i, w_i = pieces.pop()
+        rr = torch.repeat_interleave(torch.arange(len(cnt), device=dev), cnt)
+        first = torch.cumsum(cnt, 0) - cnt
+        dest = offsets[trows[rr]] + torch.arange(len(s_i), device=dev) - first[rr]
+        src[dest], tgt[dest], wout[dest] = s_i, trows[rr].to(torch.int32), w_i
+    return src, tgt, wout, mean_effect
 
 
 def _stages(stage: Callable[[int], float], layers: Tensor) -> Tensor:
@@ -618,7 +647,7 @@ def assemble(
 ) -> Graph:
     """The :class:`Graph`: rows are the embeddings, each family's kept nodes, the target logits."""
     emb, T, L = clean.emb, clean.T, model.n_layers
-    embed_pos = clean.allowed.nonzero().flatten()
+    embed_pos = clean.embed_pos
     E, K = len(embed_pos), len(clean.target_ids)
     tid, coef, tlogits = clean.target_ids, clean.coef, clean.target_logits
     tok_str = _decoder(model)
@@ -646,8 +675,10 @@ def assemble(
         [torch.zeros(E, T, dtype=emb.dtype), *(a.cpu() for a in in_attr), emb_out.cpu()]
     )
     output_attr = col(emb_out[:, embed_pos].T.cpu(), "out_attr", torch.zeros(K, K, dtype=emb.dtype))
-    src, tgt, w, mean_effect = edges
-    flow = w.cpu() * attribution[tgt.cpu()] / clean.metric
+    src_t, tgt_t, w, mean_effect = edges
+    src, tgt = _np(src_t).astype(np.int64), _np(tgt_t).astype(np.int64)
+    w_np = _np(w)
+    flow = w_np * _np(attribution)[tgt] / clean.metric
     target_tokens = [tok_str(t) for t in tid.tolist()]
     settings = {
         **config.content(model),
@@ -674,10 +705,10 @@ def assemble(
         node_activation=_np(activation),
         node_attribution=_np(attribution),
         node_tokens=[ptoks[p] for p in pos_col[: len(ids) - K].tolist()] + target_tokens,
-        edge_source=_np(src).astype(np.int64),
-        edge_target=_np(tgt).astype(np.int64),
-        edge_weight=_np(w),
-        edge_flow=_np(flow),
+        edge_source=src,
+        edge_target=tgt,
+        edge_weight=w_np,
+        edge_flow=flow,
         input_attr=_np(input_attr),
         output_attr=_np(output_attr),
         target_ids=np.array(tid.tolist(), dtype=np.int64),

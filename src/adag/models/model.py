@@ -38,6 +38,11 @@ class TokenProb:
     logit: float
 
 
+def _zero_mlp(*args: Any, **kwargs: Any) -> Tensor:
+    x = next(a for a in (*args, *kwargs.values()) if isinstance(a, Tensor))
+    return torch.zeros_like(x)
+
+
 class Model:
     """A causal LM ready for adag: ``hf`` (the transformers model, eval mode, routed through adag's
     attention and hooks), ``tokenizer`` (may be None for models built from a config), ``spec``.
@@ -242,6 +247,26 @@ class Model:
         if name not in self._site_set:
             self._site_names.append(name)
             self._site_set = frozenset(self._site_names)
+
+    @contextmanager
+    def skip_mlps(self, layers: Iterable[int]) -> Iterator[None]:
+        """Run the MLP modules of ``layers`` as zero maps while the block runs: for splices that
+        discard the MLP's output (a transcoder's linearised passes). The module's input hook
+        (``blocks.L.mlp.hook_in``) still fires; ``hook_mlp_out`` sees zeros (after a post-MLP
+        norm: its output for zeros)."""
+        wanted = set(layers)
+        mods = [
+            get_module(block, self.spec.mlp)
+            for layer, block in enumerate(layer_modules(self.hf, self.spec))
+            if layer in wanted
+        ]
+        for mod in mods:
+            mod.forward = _zero_mlp  # type: ignore[method-assign]
+        try:
+            yield
+        finally:
+            for mod in mods:
+                del mod.forward
 
     @contextmanager
     def session(self, session: Session) -> Iterator[Session]:
