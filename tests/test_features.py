@@ -152,7 +152,7 @@ class RefSplice(Session):
             if self.ref is None or not self.frozen:
                 self.act[layer] = raw.act(layer, pre)
             else:
-                a = self.ref.act[layer].expand_as(pre)
+                a = self.ref.act[layer][:, : pre.shape[1]].expand_as(pre)
                 self.act[layer] = a + self.d_act[layer] if layer in self.d_act else a
             return x
         if name.endswith("hook_mlp_out"):
@@ -166,7 +166,7 @@ class RefSplice(Session):
             if self.ref is None:
                 self.err[layer] = x - recon
                 return x
-            err = self.ref.err[layer].expand_as(x)
+            err = self.ref.err[layer][:, : x.shape[1]].expand_as(x)
             if layer in self.d_err:
                 err = err * (1 + self.d_err[layer][..., None])
             return recon + err

@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
@@ -146,23 +147,23 @@ class NodeFamily:
         nodes of ``layer`` as sources (:meth:`edge_source`); default: :meth:`site`."""
         return [self.site(layer)]
 
-    def edge_source(
-        self,
-        model: Model,
-        clean: Mapping[str, Tensor],
-        layer: int,
-        pos: Tensor,
-        idx: Tensor,
-        act: Tensor,
-    ) -> EdgeSource:
-        """The given nodes of ``layer`` as sources of the edge pass: prepared once per trace, the
+    def edge_source(self, model: Model, clean: Mapping[str, Tensor], nodes: Nodes) -> EdgeSource:
+        """This family's kept nodes as sources of the edge pass: prepared once per trace, the
         returned function maps the gradients at :meth:`edge_grad_sites` and a row count ``b`` to
-        ``(b, n)``: ``a_s · ∂target/∂a_s`` for the first ``b`` rows."""
-        site = self.site(layer)
-        x = clean[site]
+        ``(b, len(nodes))``: ``a_s · ∂target/∂a_s`` for the first ``b`` rows. Default: per
+        layer, :meth:`source_contributions` at :meth:`site`."""
+        blocks = []
+        for layer in sorted(set(nodes.layer.tolist())):
+            sel = nodes.of_layer(layer)
+            site = self.site(layer)
+            blocks.append((site, clean[site], nodes.pos[sel], nodes.idx[sel], nodes.act[sel]))
 
         def contributions(grads: Mapping[str, Tensor], rows: int) -> Tensor:
-            return self.source_contributions(grads[site][:rows], x, pos, idx, act)
+            parts = [
+                self.source_contributions(grads[site][:rows], x, pos, idx, act)
+                for site, x, pos, idx, act in blocks
+            ]
+            return torch.cat(parts, dim=1) if parts else nodes.act.new_zeros(rows, 0)
 
         return contributions
 

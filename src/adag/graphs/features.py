@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from adag.graphs.family import EdgeSource, Mode, NodeFamily
+from adag.graphs.family import EdgeSource, Mode, NodeFamily, Nodes
 from adag.models.sites import Session
 
 if TYPE_CHECKING:
@@ -63,6 +63,7 @@ if TYPE_CHECKING:
     from adag.models.sites import SiteRun
     from adag.transcoders import Transcoders
 
+EMBED_SITE = "blocks.0.hook_resid_pre"
 _SPLICE_SITE = re.compile(r"^blocks\.(\d+)\.(mlp\.hook_in|hook_mlp_out)$")
 
 
@@ -114,6 +115,30 @@ class PositionRows:
         gu = g[:, self.used].transpose(0, 1).to(self.w.dtype)  # (U, B, d)
         r = torch.bmm(gu, self.w.transpose(1, 2))  # (U, B, n_max)
         return r[self.cpos, :, self.slot].T
+
+
+class ActiveRows:
+    """``out[b, k] = g[b, pos[k]] · w[k]`` for a ``(B, T, d)`` gradient: for short prompts one
+    dense product ``(B·T, d) @ (d, n)`` and a diagonal pick, for long ones the position-grouped
+    :class:`PositionRows` (work ``B·n·d`` instead of ``B·T·n·d``)."""
+
+    DENSE_MAX_T = 32
+
+    def __init__(self, pos: Tensor, w: Tensor, T: int) -> None:
+        self.T, self.pos = T, pos
+        if T <= self.DENSE_MAX_T:
+            self.wt = w.T.contiguous()  # (d, n)
+            self.cols = torch.arange(len(pos), device=pos.device)
+            self.grouped: PositionRows | None = None
+        else:
+            self.grouped = PositionRows(pos, w, T)
+
+    def dot(self, g: Tensor) -> Tensor:
+        if self.grouped is not None:
+            return self.grouped.dot(g)
+        B, T, d = g.shape
+        full = (g.reshape(B * T, d).to(self.wt.dtype) @ self.wt).view(B, T, -1)
+        return full[:, self.pos, self.cols]
 
 
 def _swap_grad(value: Tensor, surrogate: Tensor) -> Tensor:
@@ -181,7 +206,7 @@ class ReplacementSplice(Session):
 
     def _clean(self, name: str, like: Tensor) -> Tensor:
         assert self.clean is not None
-        v = self.clean[name].to(like.dtype)
+        v = self.clean[name][: like.shape[1]].to(like.dtype)  # a prefix pass: its positions
         return v.expand(like.shape[0], *v.shape)
 
     def site(self, name: str, x: Tensor) -> Tensor:
@@ -212,8 +237,6 @@ class ReplacementSplice(Session):
             r = _ratio(self.clean[feature_site(layer)], self.clean[pre_site(layer)]).to(pre.dtype)
             if self.mode == "attribution":
                 act = _swap_grad(clean_act, r * pre)
-            elif self.mode == "edges":
-                act = clean_act  # a constant (an expanded view; the SiteRun adds its leaf)
             else:  # replica
                 act = r * pre
         self.acts[layer] = publish(feature_site(layer), act)
@@ -235,7 +258,7 @@ class ReplacementSplice(Session):
             err = self.model.publish(error_site(layer), self._clean(error_site(layer), x))
             if layer not in rep.covered:
                 return err
-            out = err + self._edge_constant(layer).to(err.dtype)
+            out = err + self._edge_constant(layer)[: err.shape[1]].to(err.dtype)
             if rep.tc.W_skip is not None:
                 out = out + rep.tc.skip(layer, self.inputs[layer])
             return out
@@ -303,30 +326,22 @@ class TranscoderFeatures(NodeFamily):
     def edge_grad_sites(self, model: Model, layer: int) -> list[str]:
         return [error_site(t) for t in self.rep.tc.targets(layer)]
 
-    def edge_source(
-        self,
-        model: Model,
-        clean: Mapping[str, Tensor],
-        layer: int,
-        pos: Tensor,
-        idx: Tensor,
-        act: Tensor,
-    ) -> EdgeSource:
-        # a_s · Σ_t ∂target/∂mlp_out_t · W_dec[s→t][i]: the active decoder rows only, scaled by
-        # their activations and grouped by position once per trace
-        tc = self.rep.tc
-        T = clean[feature_site(layer)].shape[0]
-        blocks = []
-        for t in tc.targets(layer):
-            w = tc.decoder(layer, t)[idx].to(act.dtype) * act[:, None]
-            blocks.append((error_site(t), PositionRows(pos, w, T)))
+    def edge_source(self, model: Model, clean: Mapping[str, Tensor], nodes: Nodes) -> EdgeSource:
+        # a_s · Σ_t ∂target/∂mlp_out_t · W_dec[s→t][i]: only the active decoder rows, scaled by
+        # their activations (prepared once; per pass one small product per source and target)
+        tc, T = self.rep.tc, int(clean[EMBED_SITE].shape[0])
+        blocks: list[tuple[Tensor, str, ActiveRows]] = []
+        for s in sorted(set(nodes.layer.tolist())):
+            sel = nodes.of_layer(s).nonzero().flatten()
+            for t in tc.targets(s):
+                w = tc.decoder(s, t)[nodes.idx[sel]].to(nodes.act.dtype) * nodes.act[sel, None]
+                blocks.append((sel, error_site(t), ActiveRows(nodes.pos[sel], w, T)))
+        n = len(nodes)
 
         def contributions(grads: Mapping[str, Tensor], rows: int) -> Tensor:
-            out: Tensor | None = None
-            for site, block in blocks:
-                part = block.dot(grads[site][:rows])
-                out = part if out is None else out + part
-            assert out is not None
+            out = nodes.act.new_zeros(rows, n)
+            for sel, site, block in blocks:
+                out[:, sel] += block.dot(grads[site][:rows])
             return out
 
         return contributions
@@ -426,6 +441,7 @@ def replacement_families(
 
 
 __all__ = [
+    "ActiveRows",
     "ErrorNodes",
     "PositionRows",
     "Replacement",

@@ -488,14 +488,16 @@ def direct_edges(
         + [_stages(f.write_stage, n.layer) for f, n in zip(families, kept, strict=True)]
     )
     # Targets: (family index or -1 for logits, index within the family), read stage and value.
-    t_fam, t_idx, t_row, t_read, t_val = [], [], [], [], []
+    t_fam, t_idx, t_row, t_read, t_val, t_pos = [], [], [], [], [], []
     for fi, (f, n) in enumerate(zip(families, kept, strict=True)):
         if f.can_be_target and len(n):
+            t_pos.append(n.pos)
             t_fam.append(torch.full((len(n),), fi, device=dev))
             t_idx.append(torch.arange(len(n), device=dev))
             t_row.append(offset[fi] + torch.arange(len(n), device=dev))
             t_read.append(_stages(f.read_stage, n.layer))
             t_val.append(n.act)
+    t_pos.append(torch.full((K + int(mean_logit),), T - 1, device=dev))
     t_fam.append(torch.full((K,), -1, device=dev))
     t_idx.append(torch.arange(K, device=dev))
     t_row.append(E + n_all + torch.arange(K, device=dev))
@@ -509,7 +511,11 @@ def direct_edges(
         t_val.append(torch.ones(1, dtype=clean.target_logits.dtype, device=dev))
     tf, ti, tr, tv = torch.cat(t_fam), torch.cat(t_idx), torch.cat(t_read), torch.cat(t_val)
     rows_of = torch.cat(t_row)
-    order = torch.argsort(tr, descending=True, stable=True)
+    # A target at position p depends on positions <= p only: targets go by prefix length (one
+    # forward of that prefix each), then deepest first so a pass rarely reaches further down
+    # than it must.
+    prefix = torch.cat(t_pos).to(torch.float64) + 1
+    order = torch.argsort(prefix * (L + 2) + tr, descending=True, stable=True)
     src_layers = [sorted(set(n.layer.tolist())) for n in kept]
     reads = [s for f, ls in zip(families, src_layers, strict=True) for s in f.edge_sites(model, ls)]
     grads_at = list(
@@ -523,44 +529,43 @@ def direct_edges(
             ]
         )
     )
-    sources = []  # every family's nodes per layer, prepared once
-    for f, n, ls in zip(families, kept, src_layers, strict=True):
-        for layer in ls:
-            sel = n.of_layer(layer)
-            sources.append(
-                f.edge_source(model, clean.values, layer, n.pos[sel], n.idx[sel], n.act[sel])
-            )
+    sources = [  # every family's nodes, prepared once
+        f.edge_source(model, clean.values, n) for f, n in zip(families, kept, strict=True)
+    ]
     B = min(batch_size, len(order))
     counts = torch.zeros(E + n_all + K, dtype=torch.long, device=dev)  # edges per target row
     pieces = []
     mean_effect: Tensor | None = None
-    with (
-        linearize(model, mlp="stop"),
-        model.sites(read=reads, grad=grads_at) as run,
-        spliced(model, families, "edges", clean.values),
-    ):
-        z = model(clean.tokens.expand(B, T), last_only=True)[:, -1]  # (B, d_vocab)
-        for sl in _chunks(len(order), B):
-            chunk = order[sl]
-            # rows by target row: the chunk's edges come out sorted by (target, source)
-            chunk = chunk[torch.argsort(rows_of[chunk])]
-            b = len(chunk)
-            pairs = _chunk_seeds(model, run, clean, families, kept, z, tf[chunk], ti[chunk])
-            grads = run.vjp([o for o, _ in pairs], [s for _, s in pairs], retain_graph=True)
-            parts = [torch.einsum("bpd,pd->bp", grads[EMBED][:b], emb)[:, embed_pos]]
-            parts += [source(grads, b) for source in sources]
-            contrib = torch.cat(parts, dim=1)  # (b, E + n_all): a_s · ∂target/∂a_s
-            w = contrib / tv[chunk][:, None]
-            ok = (src_write[None, :] <= tr[chunk][:, None]) & (w.abs() >= edge_threshold)
-            is_mean = tf[chunk] == -2
-            if is_mean.any():
-                mean_effect = contrib[is_mean][0].clone()
-                ok &= ~is_mean[:, None]
-            r, s_idx = ok.nonzero(as_tuple=True)
-            cnt = torch.bincount(r, minlength=b)
-            trows = rows_of[chunk]
-            counts[trows[cnt > 0]] += cnt[cnt > 0]
-            pieces.append((trows, cnt, s_idx.to(torch.int32), w[r, s_idx]))
+    groups = _prefix_groups([order[sl] for sl in _chunks(len(order), B)], prefix)
+    for P, group in groups:
+        with (
+            linearize(model, mlp="stop"),
+            model.sites(read=reads, grad=grads_at) as run,
+            spliced(model, families, "edges", clean.values),
+        ):
+            z = model(clean.tokens[:, :P].expand(B, P), last_only=True)[:, -1]  # (B, d_vocab)
+            for chunk in group:
+                # rows by target row: the chunk's edges come out sorted by (target, source)
+                chunk = chunk[torch.argsort(rows_of[chunk])]
+                b = len(chunk)
+                pairs = _chunk_seeds(model, run, clean, families, kept, z, tf[chunk], ti[chunk])
+                grads = run.vjp([o for o, _ in pairs], [s for _, s in pairs], retain_graph=True)
+                if P < T:  # every site is (batch, pos, ...): positions >= P have no effect
+                    grads = {k: _pad_pos(v, T) for k, v in grads.items()}
+                parts = [torch.einsum("bpd,pd->bp", grads[EMBED][:b], emb)[:, embed_pos]]
+                parts += [source(grads, b) for source in sources]
+                contrib = torch.cat(parts, dim=1)  # (b, E + n_all): a_s · ∂target/∂a_s
+                w = contrib / tv[chunk][:, None]
+                ok = (src_write[None, :] <= tr[chunk][:, None]) & (w.abs() >= edge_threshold)
+                is_mean = tf[chunk] == -2
+                if is_mean.any():
+                    mean_effect = contrib[is_mean][0].clone()
+                    ok &= ~is_mean[:, None]
+                r, s_idx = ok.nonzero(as_tuple=True)
+                cnt = torch.bincount(r, minlength=b)
+                trows = rows_of[chunk]
+                counts[trows[cnt > 0]] += cnt[cnt > 0]
+                pieces.append((trows, cnt, s_idx.to(torch.int32), w[r, s_idx]))
     # place each chunk's edges at their target rows' offsets (int32 indices, no global sort)
     offsets = torch.cumsum(counts, 0) - counts
     n_e = int(counts.sum())
@@ -575,6 +580,40 @@ def direct_edges(
         dest = offsets[trows[rr]] + torch.arange(len(s_i), device=dev) - first[rr]
         src[dest], tgt[dest], wout[dest] = s_i, trows[rr].to(torch.int32), w_i
     return src, tgt, wout, mean_effect
+
+
+FORWARD_COST = 12.0
+"""The cost of the edge pass's forward in backward passes of the same width (measured on CPU:
+the forward runs every projection, the unembedding and the hooks; a backward with frozen
+patterns and stopped MLPs only the value/output projections)."""
+
+
+def _prefix_groups(chunks: list[Tensor], prefix: Tensor) -> list[tuple[int, list[Tensor]]]:
+    """Chunks (sorted by needed prefix length, descending) grouped into forward passes:
+    ``(prefix length, chunks)``. A chunk joins the previous group (a longer prefix than it
+    needs) unless a forward of its own costs less than the extra width of its backward passes:
+    ``FORWARD_COST · P < (P_group − P) · n_chunks`` (greedy, per run of equal prefix)."""
+    runs: list[tuple[int, list[Tensor]]] = []
+    for chunk in chunks:
+        P = int(prefix[chunk].max())
+        if runs and runs[-1][0] == P:
+            runs[-1][1].append(chunk)
+        else:
+            runs.append((P, [chunk]))
+    groups: list[tuple[int, list[Tensor]]] = []
+    for P, cs in runs:
+        if groups and FORWARD_COST * P >= (groups[-1][0] - P) * len(cs):
+            groups[-1][1].extend(cs)
+        else:
+            groups.append((P, list(cs)))
+    return groups
+
+
+def _pad_pos(x: Tensor, T: int) -> Tensor:
+    """``x`` (batch, P, ...) zero-padded to (batch, T, ...)."""
+    out = x.new_zeros(x.shape[0], T, *x.shape[2:])
+    out[:, : x.shape[1]] = x
+    return out
 
 
 def _stages(stage: Callable[[int], float], layers: Tensor) -> Tensor:

@@ -553,6 +553,12 @@ def layer_modules(hf: torch.nn.Module, spec: ArchSpec) -> list[torch.nn.Module]:
     return list(layers)
 
 
+def _contiguous_input(module: torch.nn.Module, args: tuple[Any, ...]) -> Any:
+    if args and isinstance(args[0], Tensor) and not args[0].is_contiguous():
+        return (args[0].contiguous(), *args[1:])
+    return None
+
+
 def install(hf: Any, spec: ArchSpec, act: str) -> Dispatch:
     """Put adag's hooks on ``hf`` (once) and route its attention through :func:`adag_attention`."""
     existing = getattr(hf, "_adag_dispatch", None)
@@ -593,6 +599,10 @@ def install(hf: Any, spec: ArchSpec, act: str) -> Dispatch:
         )
         on_output(get_module(block, spec.mlp_out_module), ("site", f"blocks.{layer}.hook_mlp_out"))
         on_output(block, ("site", f"blocks.{layer}.hook_resid_post"))
+    # transformers slices the last position (``logits_to_keep``) into a non-contiguous
+    # (batch, 1, d_model) view; with autograd on, matmul then runs the unembedding as a batched
+    # product over an expanded weight (10x slower on CPU): hand it a contiguous input
+    d.handles.append(get_module(hf, spec.unembed).register_forward_pre_hook(_contiguous_input))
     on_output(get_module(hf, spec.final_norm), ("norm", "ln_final"))
     on_output(get_module(hf, spec.unembed), ("logits", None))
     for mod, actions in outputs.values():
