@@ -235,10 +235,8 @@ class ReplacementSplice(Session):
             clean_act = self._clean(feature_site(layer), pre)
             assert self.clean is not None
             r = _ratio(self.clean[feature_site(layer)], self.clean[pre_site(layer)]).to(pre.dtype)
-            if self.mode == "attribution":
-                act = _swap_grad(clean_act, r * pre)
-            else:  # replica
-                act = r * pre
+            # attribution: the clean value with the gradient of r·pre; replica: r·pre
+            act = _swap_grad(clean_act, r * pre) if self.mode == "attribution" else r * pre
         self.acts[layer] = publish(feature_site(layer), act)
 
     def _edge_constant(self, layer: int) -> Tensor:

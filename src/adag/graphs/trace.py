@@ -602,7 +602,7 @@ def _prefix_groups(chunks: list[Tensor], prefix: Tensor) -> list[tuple[int, list
             runs.append((P, [chunk]))
     groups: list[tuple[int, list[Tensor]]] = []
     for P, cs in runs:
-        if groups and FORWARD_COST * P >= (groups[-1][0] - P) * len(cs):
+        if groups and (groups[-1][0] - P) * len(cs) <= FORWARD_COST * P:
             groups[-1][1].extend(cs)
         else:
             groups.append((P, list(cs)))
