@@ -525,3 +525,48 @@ def test_bos_embedding_is_a_source_only_node():
     col = int(np.flatnonzero(sources == bos)[0])
     assert want[:, col].abs().max() > 0
     torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("T_", [5, 40])
+def test_active_rows_equal_the_gathered_dot(T_):
+    """``ActiveRows`` (dense for short prompts, grouped by position for long ones) and
+    ``PositionRows`` equal ``g[b, pos[k]] · w[k]`` computed one entry at a time."""
+    gen = torch.Generator().manual_seed(0)
+    n, d, B = 23, 7, 3
+    pos = torch.randint(0, T_, (n,), generator=gen)
+    w = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    g = torch.randn(B, T_, d, generator=gen, dtype=torch.float64)
+    want = torch.stack([g[:, int(p)] @ w[k] for k, p in enumerate(pos)], dim=1)
+    for block in (feat.ActiveRows(pos, w, T_), feat.PositionRows(pos, w, T_)):
+        torch.testing.assert_close(block.dot(g), want, rtol=1e-12, atol=1e-12)
+    assert (feat.ActiveRows(pos, w, T_).grouped is None) == (T_ <= feat.ActiveRows.DENSE_MAX_T)
+
+
+@pytest.mark.parametrize("arch,kind", [("llama", "clt"), ("gemma2", "plt")])
+def test_prefix_passes_give_the_same_edges(arch, kind, monkeypatch):
+    """Targets traced in forwards of the prefix they need (one per position when forwards cost
+    nothing) give the edges of one full-length forward."""
+    from adag.graphs import trace as trace_mod
+
+    m = tiny_model(arch)
+    raw = Raw(m, kind, "jumprelu")
+    ids = torch.randint(0, 61, (T,), generator=torch.Generator().manual_seed(1))
+    opts = dict(transcoders=raw.transcoders(), node_threshold=0.002, edge_threshold=0.0)
+    monkeypatch.setattr(trace_mod, "FORWARD_COST", 1e9)  # one group: the full prompt
+    full = trace(m, ids, **opts)[0]
+    groups = []
+    real = trace_mod._prefix_groups
+
+    def spy(chunks, prefix):
+        out = real(chunks, prefix)
+        groups.append([P for P, _ in out])
+        return out
+
+    monkeypatch.setattr(trace_mod, "FORWARD_COST", 0.0)  # a forward per prefix length
+    monkeypatch.setattr(trace_mod, "_prefix_groups", spy)
+    split = trace(m, ids, batch_size=2, **opts)[0]
+    assert len(groups[0]) >= 2 and min(groups[0]) < T
+    assert split.node_ids == full.node_ids
+    np.testing.assert_array_equal(split.edge_source, full.edge_source)
+    np.testing.assert_array_equal(split.edge_target, full.edge_target)
+    np.testing.assert_allclose(split.edge_weight, full.edge_weight, rtol=1e-10, atol=1e-12)

@@ -247,11 +247,15 @@ def test_profiles_equal_finite_differences(tiny: Model, ids):
     )
 
 
-def test_batching_and_naive_reference_agree(tiny: Model, ids):
-    """batch_size 1 and 7 give the same graph; edges equal one backward per target node with the
-    target's MLP under relp and every other MLP stopped (no closed-form seeds)."""
-    g1 = _graph(tiny, ids, batch_size=1)
+def test_batching_and_naive_reference_agree(tiny: Model, ids, monkeypatch):
+    """batch_size 1 (one forward per prefix length: forwards made free) and 7 give the same
+    graph; edges equal one backward per target node with the target's MLP under relp and every
+    other MLP stopped (no closed-form seeds)."""
+    from adag.graphs import trace as trace_mod
+
     g7 = _graph(tiny, ids, batch_size=7)
+    monkeypatch.setattr(trace_mod, "FORWARD_COST", 0.0)
+    g1 = _graph(tiny, ids, batch_size=1)
     assert g1.node_ids == g7.node_ids
     np.testing.assert_array_equal(g1.edge_source, g7.edge_source)
     np.testing.assert_array_equal(g1.edge_target, g7.edge_target)

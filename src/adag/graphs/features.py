@@ -39,10 +39,19 @@ every other feature held at its clean value, attention and norms frozen):
   ``w = a_s · ∂pre_t/∂a_s / pre_t`` (``r_t = 1``). circuit-tracer's adjacency entry
   ``A[t, s] = a_s · ∂pre_t/∂a_s`` (the raw direct effect on the target's pre-activation) is
   ``w · a_t``.
+- the embedding of a leading BOS position is kept as a source-only node (``embed:0``), as
+  circuit-tracer keeps its BOS token node; the position has no features or errors.
 - error ``error:L:P`` — one per layer and allowed position, all kept; its value is the error
   vector ``err`` (``node_activation``: ``‖err‖``), its attribution ``err · dm/derr``, its outgoing
   edges ``err · ∂target/∂err / target``. Edges go out of error nodes only (``can_be_target``
   False): the error is a constant of the clean run.
+
+**The edge pass is sparse.** No encoder or decoder runs densely: the features are constants of the
+clean run, the MLP output is ``clean reconstruction (constant) + skip (live) + error (a site)``
+and the real MLPs are not computed (:meth:`adag.models.model.Model.skip_mlps`). A target
+feature's seed is ``r · W_enc[i]`` at its MLP input (``pre = x @ W_enc.T + b_enc``); a source
+feature's contribution is ``a · Σ_t ∂target/∂mlp_out_t · W_dec[s→t][i]``, read from the error
+sites' gradients through its active decoder row only (:class:`ActiveRows`).
 """
 
 from __future__ import annotations

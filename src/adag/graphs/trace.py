@@ -27,7 +27,9 @@ with ``c_j = 1`` by default, or a logit difference), :func:`trace_tokens` runs f
 Efficiency: each backward pass runs on a batch of identical rows of the prompt built by one forward
 pass whose graph is kept; each row carries the seed of a different target node, so one backward
 gives ``batch_size`` targets' gradients, and targets of different layers and families share a pass
-(deepest first). Nothing dense over all nodes × positions × targets is built: each pass gathers the
+(deepest first). A target at position ``p`` depends on positions ``<= p`` only, so targets are
+grouped by the prefix they need and a group gets a forward of that prefix when the narrower
+backward passes save more than the forward costs (:func:`_prefix_groups`). Nothing dense over all nodes × positions × targets is built: each pass gathers the
 kept sources' gradients and keeps the edges above threshold, so memory is linear in kept nodes and
 edges.
 """
@@ -470,10 +472,13 @@ def direct_edges(
     mean_logit: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """Direct-effect edges among the kept nodes, as (source row, target row, weight) with rows
-    numbered embeddings, each family's nodes, logits. One forward pass with every MLP stopped and
-    each family's splice in ``"edges"`` mode; each backward pass seeds up to ``batch_size`` targets
+    numbered embeddings, each family's nodes, logits. Forward passes (one per group of targets
+    needing the same prompt prefix, :func:`_prefix_groups`) with every MLP stopped and each
+    family's splice in ``"edges"`` mode; each backward pass seeds up to ``batch_size`` targets
     (logits at the last position, nodes by their family's seeds), deepest first so a pass rarely
-    reaches further down than it must. With ``mean_logit``, one more row seeds the vocabulary
+    reaches further down than it must. Sources' contributions come from each family's
+    :meth:`~adag.graphs.family.NodeFamily.edge_source`; the edges are returned sorted by
+    (target, source) with int32 indices. With ``mean_logit``, one more row seeds the vocabulary
     mean of the logits, and the fourth value is every source's raw direct effect on it
     (``a_s · ∂ mean_v(logit_v) / ∂a_s``, unthresholded, one per source row); else None."""
     emb, dev, T, L = clean.emb, clean.emb.device, clean.T, model.n_layers
