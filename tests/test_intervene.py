@@ -345,3 +345,29 @@ def test_partial_coverage_keeps_other_mlps_at_their_clean_output():
     torch.testing.assert_close(out["logits_after"], out["logits_before"], rtol=0, atol=1e-12)
     out = intervene(m, ids, tc, {"feature:1:*:3": 5.0}, freeze_features=True)
     assert out["kl"] > 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_free_with_frozen_attention_is_the_free_run_with_clean_patterns(arch):
+    """``freeze_attention`` in free mode equals the free intervention run with every attention
+    pattern patched to its clean value (circuit-tracer's unconstrained default), and differs from
+    the free run with live attention."""
+    from adag.models.sites import Patch
+    from adag.steer.intervene import FeatureSplice, parse_interventions
+
+    m = tiny_model(arch)
+    raw = Raw(m, "plt", "relu")
+    tc, ids = raw.transcoders(), _ids()
+    edits = {f"feature:0:*:{i}": 0.0 for i in range(tc.d_features)}
+    frozen = intervene(m, ids, tc, edits, constrained=False, freeze_attention=True)
+    live = intervene(m, ids, tc, edits, constrained=False)
+    patterns = [f"blocks.{layer}.attn.hook_pattern" for layer in range(m.n_layers)]
+    _, clean = m.run_with_cache(ids[None], patterns)
+    with (
+        torch.no_grad(),
+        m.sites(patches=[Patch(p, clean[p]) for p in patterns]),
+        m.session(FeatureSplice(tc, parse_interventions(m, tc, edits), "free")),
+    ):
+        want = m(ids[None])[0, -1]
+    torch.testing.assert_close(frozen["logits_after"], want, rtol=1e-12, atol=1e-12)
+    assert (frozen["logits_after"] - live["logits_after"]).abs().max() > 1e-6

@@ -1041,6 +1041,14 @@ def intervene(
             "(the real model, every layer live)"
         ),
     ] = "constrained",
+    freeze_attention: Annotated[
+        bool,
+        typer.Option(
+            "--freeze-attention",
+            help="free mode: hold the attention patterns at their clean values (circuit-tracer's "
+            "unconstrained default)",
+        ),
+    ] = False,
     k: Annotated[int, typer.Option("-k", "--k", help="top-k tokens to show")] = 5,
     generate: Annotated[
         int, typer.Option(help="also generate this many tokens with the features held (free)")
@@ -1058,6 +1066,10 @@ def intervene(
 
     if mode not in ("constrained", "frozen", "free"):
         raise AdagError(f"unknown --mode {mode!r}; choose constrained, frozen or free")
+    if freeze_attention and mode != "free":
+        raise AdagError(
+            "--freeze-attention is for --mode free (the constrained modes freeze attention)"
+        )
     edits = dict(_intervention(e) for e in edit)
     if not transcoders.is_dir():
         raise AdagError(f"--transcoders {transcoders} is not a directory; give a transcoder set")
@@ -1070,6 +1082,7 @@ def intervene(
         edits,
         constrained=mode != "free",
         freeze_features=mode == "frozen",
+        freeze_attention=freeze_attention,
         k=k,
     )
     text = None

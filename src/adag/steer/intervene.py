@@ -34,7 +34,9 @@ a scale, then ``P`` set, sets at ``P``).
   intervened source layer ``s`` the features are encoded from the live ``x_s`` and the change
   ``δ_s = a_s(intervened) − a_s(live)`` is decoded into the MLP output of every layer ``s``
   writes to: ``mlp_out_l = real mlp_out_l + Σ_s δ_s W_dec[s→l]`` (``b_dec``, the skip term and
-  the error cancel). Unlike circuit-tracer's unconstrained default, attention is not frozen.
+  the error cancel). With ``freeze_attention=True`` the attention patterns are held at their
+  clean values (circuit-tracer's unconstrained ``feature_intervention`` default,
+  ``freeze_attention=True``); norms and MLPs stay live.
 
 >>> out = intervene(model, "The capital of France is", tc, {"feature:3:*:17": 0.0})
 >>> out["target_dlogit"]                      # change of each target logit
@@ -164,8 +166,11 @@ class FeatureSplice(Session):
         edits: Sequence[FeatureEdit],
         mode: Mode,
         clean: Mapping[str, Tensor] | None = None,
+        *,
+        freeze_attention: bool = False,
     ) -> None:
         self.tc, self.mode, self.clean = tc, mode, clean
+        self.freeze_attention = freeze_attention or mode != "free"
         self.edits: dict[int, list[FeatureEdit]] = {}
         for e in edits:
             self.edits.setdefault(e.layer, []).append(e)
@@ -216,7 +221,7 @@ class FeatureSplice(Session):
         return tc.decode(self.acts, layer, x=self.inputs.get(layer)) + err
 
     def pattern(self, layer: int, pattern: Tensor) -> Tensor:
-        if self.mode == "free":
+        if not self.freeze_attention:
             return pattern
         return self._clean(f"blocks.{layer}.attn.hook_pattern", pattern).expand_as(pattern)
 
@@ -275,6 +280,7 @@ def intervene(
     *,
     constrained: bool = True,
     freeze_features: bool = False,
+    freeze_attention: bool = False,
     targets: Sequence[int] | None = None,
     k: int = 5,
     chat: bool = False,
@@ -286,6 +292,8 @@ def intervene(
     ``prompt``: token ids, a text (assembled with ``chat``) or a ``PromptSpec``. ``targets``:
     token ids to report (a feature graph's ``target_ids``); default the clean top-``k``.
     ``freeze_features`` (constrained only): hold every other feature at its clean value.
+    ``freeze_attention`` (free mode; the constrained modes always freeze): hold the attention
+    patterns at their clean values, as circuit-tracer's unconstrained interventions do.
 
     Returns a dict:
 
@@ -323,7 +331,13 @@ def intervene(
     mode: Mode = ("frozen" if freeze_features else "constrained") if constrained else "free"
     with torch.no_grad():
         before, clean = clean_state(model, transcoders, tokens)
-        splice = FeatureSplice(transcoders, edits, mode, None if mode == "free" else clean)
+        splice = FeatureSplice(
+            transcoders,
+            edits,
+            mode,
+            None if mode == "free" and not freeze_attention else clean,
+            freeze_attention=freeze_attention,
+        )
         with model.session(splice):
             after = model(tokens, last_only=True)[0, -1]
     if targets is None:
