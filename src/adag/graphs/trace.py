@@ -587,7 +587,7 @@ def direct_edges(
     return src, tgt, wout, mean_effect
 
 
-FORWARD_COST = 12.0
+FORWARD_COST = 4.0
 """The cost of the edge pass's forward in backward passes of the same width (measured on CPU:
 the forward runs every projection, the unembedding and the hooks; a backward with frozen
 patterns and stopped MLPs only the value/output projections)."""
