@@ -909,6 +909,17 @@ def train_transcoders_cmd(
     k: Annotated[int | None, typer.Option("-k", "--k", help="TopK: active features")] = None,
     batch_tokens: Annotated[int, typer.Option(help="tokens per training step")] = 1024,
     buffer_tokens: Annotated[int, typer.Option(help="activation buffer (memory)")] = 8192,
+    heldout_tokens: Annotated[
+        int, typer.Option(help="tokens held out for the FVU/L0 metrics")
+    ] = 1024,
+    lr: Annotated[
+        float | None, typer.Option(help="Adam learning rate (default: scaled by width)")
+    ] = None,
+    sparsity: Annotated[float, typer.Option(help="JumpReLU sparsity penalty weight")] = 1.0,
+    seq_len: Annotated[int, typer.Option(help="tokens per training sequence")] = 128,
+    seqs_per_forward: Annotated[
+        int, typer.Option(help="sequences per model forward when collecting activations")
+    ] = 16,
     seed: Annotated[int, typer.Option(help="initialisation and data seed")] = 0,
     checkpoint_every: Annotated[int, typer.Option(help="steps between checkpoints")] = 500,
     dtype: DtypeOpt = "float32",
@@ -975,6 +986,11 @@ def train_transcoders_cmd(
             k=k,
             batch_tokens=batch_tokens,
             buffer_tokens=buffer_tokens,
+            heldout_tokens=heldout_tokens,
+            lr=lr,
+            sparsity=sparsity,
+            seq_len=seq_len,
+            seqs_per_forward=seqs_per_forward,
             seed=seed,
             checkpoint_every=checkpoint_every,
             progress=progress,
