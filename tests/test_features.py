@@ -570,3 +570,17 @@ def test_prefix_passes_give_the_same_edges(arch, kind, monkeypatch):
     np.testing.assert_array_equal(split.edge_source, full.edge_source)
     np.testing.assert_array_equal(split.edge_target, full.edge_target)
     np.testing.assert_allclose(split.edge_weight, full.edge_weight, rtol=1e-10, atol=1e-12)
+
+
+def test_one_row_per_pass_gives_the_same_graph():
+    """``max_batch_tokens`` = the prompt length: one target per attribution pass and one row per
+    edge pass; the graph is the same as with every row in one pass."""
+    m = tiny_model("qwen3")
+    raw = Raw(m, "clt", "jumprelu")
+    ids = torch.randint(0, 61, (T,), generator=torch.Generator().manual_seed(1))
+    opts = dict(transcoders=raw.transcoders(), node_threshold=0.002, edge_threshold=0.0)
+    wide = trace(m, ids, **opts)[0]
+    narrow = trace(m, ids, max_batch_tokens=T, **opts)[0]
+    assert narrow.node_ids == wide.node_ids and len(wide.target_ids) > 1
+    for f in ("node_attribution", "output_attr", "input_attr", "edge_weight"):
+        np.testing.assert_allclose(getattr(narrow, f), getattr(wide, f), rtol=1e-10, atol=1e-13)

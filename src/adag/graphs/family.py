@@ -95,11 +95,17 @@ class NodeFamily:
     def write_stage(self, layer: int) -> float:
         raise NotImplementedError
 
-    def keep(self, attr: Tensor, x: Tensor, threshold: float) -> Tensor:
-        """``(T, n)`` bool: which entries may become nodes, from their attribution to the metric
-        ``attr``, the clean site value ``x`` and the absolute threshold (``node_threshold ·
-        |m|``). Default ``|attr| >= threshold``; transcoder features also need ``a != 0``, error
-        nodes are all kept."""
+    def candidates(self, x: Tensor) -> Tensor:
+        """``(T, n)`` bool over the node values (:meth:`values`) of the clean site value ``x``:
+        the entries that can become nodes at all (transcoder features: the active ones). Only
+        these are carried through the attribution passes. Default: every entry."""
+        return torch.ones_like(self.values(x), dtype=torch.bool)
+
+    def keep(self, attr: Tensor, v: Tensor, threshold: float) -> Tensor:
+        """Bool, elementwise over candidate entries: which become nodes, from their attribution
+        to the metric ``attr``, their node values ``v`` and the absolute threshold
+        (``node_threshold · |m|``). Default ``|attr| >= threshold``; transcoder features also
+        need ``a != 0``, error nodes are all kept."""
         return attr.abs() >= threshold
 
     def settings(self, model: Model) -> dict[str, Any]:

@@ -317,8 +317,11 @@ class TranscoderFeatures(NodeFamily):
     def write_stage(self, layer: int) -> float:
         return layer + 1.0
 
-    def keep(self, attr: Tensor, x: Tensor, threshold: float) -> Tensor:
-        return (attr.abs() >= threshold) & (x != 0)
+    def candidates(self, x: Tensor) -> Tensor:
+        return x != 0
+
+    def keep(self, attr: Tensor, v: Tensor, threshold: float) -> Tensor:
+        return (attr.abs() >= threshold) & (v != 0)
 
     def mlp_rules(self, model: Model) -> Mapping[int, str]:
         # the real MLPs' outputs are discarded by the splice: nothing flows through them
@@ -409,7 +412,7 @@ class ErrorNodes(NodeFamily):
     def write_stage(self, layer: int) -> float:
         return layer + 1.0
 
-    def keep(self, attr: Tensor, x: Tensor, threshold: float) -> Tensor:
+    def keep(self, attr: Tensor, v: Tensor, threshold: float) -> Tensor:
         return torch.ones_like(attr, dtype=torch.bool)
 
     def mlp_rules(self, model: Model) -> Mapping[int, str]:

@@ -360,38 +360,60 @@ def clean_run(
 def attribute_nodes(
     model: Model, clean: Clean, families: Sequence[NodeFamily], config: TraceConfig
 ) -> tuple[Tensor, list[Nodes]]:
-    """One linearised backward pass with one row per target logit. Returns the embeddings'
-    attribution to each target ``(K, T)`` and each family's kept nodes."""
+    """Linearised backward passes with one row per target logit (as many rows per pass as
+    ``max_batch_tokens`` allows). Returns the embeddings' attribution to each target ``(K, T)``
+    and each family's kept nodes. Only each family's candidate entries
+    (:meth:`~adag.graphs.family.NodeFamily.candidates`: active transcoder features) are kept
+    between passes, so memory does not grow with the dense site width times the prompt."""
     K, T = len(clean.target_ids), clean.T
-    sites = [(f, layer, f.site(layer)) for f in families for layer in f.layers(model)]
-    with (
-        linearize(model, mlp=_mlp_rules(model, families)),
-        model.sites(grad=[EMBED, *(s for _, _, s in sites)]) as run,
-        spliced(model, families, "attribution", clean.values),
-    ):
-        z = model(clean.tokens.expand(K, T), last_only=True)[:, -1]  # (K, d_vocab)
-        seed = torch.zeros_like(z)
-        seed[torch.arange(K), clean.target_ids] = 1.0
-        g = run.vjp([z], [seed])
-    emb_out = torch.einsum("kpd,pd->kp", g[EMBED], clean.emb)  # (K, T): Σ_d e·dlogit_j/de
+    sites = [
+        (fi, f, layer, f.site(layer)) for fi, f in enumerate(families) for layer in f.layers(model)
+    ]
+    cand: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
+    outs: dict[tuple[int, int], Tensor] = {}
+    for fi, f, layer, site in sites:
+        x = clean.values[site]
+        mask = f.candidates(x) & clean.allowed[:, None]
+        p, i = mask.nonzero(as_tuple=True)  # row-major: sorted by (pos, idx)
+        cand[fi, layer] = (p, i)
+        outs[fi, layer] = x.new_zeros(K, len(p))
+    emb_out = clean.emb.new_zeros(K, T)
+    rows = max(1, min(K, config.max_batch_tokens // T))
+    for sl in _chunks(K, rows):
+        k = sl.stop - sl.start
+        with (
+            linearize(model, mlp=_mlp_rules(model, families)),
+            model.sites(grad=[EMBED, *(s for *_, s in sites)]) as run,
+            spliced(model, families, "attribution", clean.values),
+        ):
+            z = model(clean.tokens.expand(k, T), last_only=True)[:, -1]  # (k, d_vocab)
+            seed = torch.zeros_like(z)
+            seed[torch.arange(k), clean.target_ids[sl]] = 1.0
+            g = run.vjp([z], [seed])
+        emb_out[sl] = torch.einsum("kpd,pd->kp", g[EMBED], clean.emb)  # Σ_d e·dlogit_j/de
+        for fi, f, layer, site in sites:
+            p, i = cand[fi, layer]
+            # (k, T, n): a · dlogit_j/da, reduced to the candidates at once
+            outs[fi, layer][sl] = f.attribution(g.pop(site), clean.values[site])[:, p, i]
+        del g
     thr = config.node_threshold * abs(clean.metric)
     kept = []
-    for f in families:
+    for fi, f in enumerate(families):
         cols: dict[str, list[Tensor]] = {
             k: [] for k in ("layer", "pos", "idx", "act", "attr", "out")
         }
         for layer in f.layers(model):
-            x = clean.values[f.site(layer)]
-            out = f.attribution(g[f.site(layer)], x)  # (K, T, n): a · dlogit_j/da
-            attr = torch.einsum("k,kpn->pn", clean.coef, out)
-            keep = f.keep(attr, x, thr) & clean.allowed[:, None]
-            p, i = keep.nonzero(as_tuple=True)  # row-major: sorted by (pos, idx)
-            cols["layer"].append(torch.full_like(p, layer))
-            cols["pos"].append(p)
-            cols["idx"].append(i)
-            cols["act"].append(f.values(x)[p, i])
-            cols["attr"].append(attr[p, i])
-            cols["out"].append(out[:, p, i].T)
+            p, i = cand[fi, layer]
+            out = outs.pop((fi, layer))
+            attr = clean.coef @ out
+            v = f.values(clean.values[f.site(layer)])[p, i]
+            keep = f.keep(attr, v, thr)
+            cols["layer"].append(torch.full_like(p[keep], layer))
+            cols["pos"].append(p[keep])
+            cols["idx"].append(i[keep])
+            cols["act"].append(v[keep])
+            cols["attr"].append(attr[keep])
+            cols["out"].append(out[:, keep].T)
         cat = {k: torch.cat(v) if v else torch.zeros(0) for k, v in cols.items()}
         if not cols["out"]:
             cat["out"] = torch.zeros(0, K, dtype=clean.emb.dtype)
