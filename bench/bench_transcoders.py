@@ -14,9 +14,11 @@ batch size, no node or edge threshold:
 * **length sweep**: 16–256 tokens with ``max_feature_nodes`` (2,000): time and memory.
 
 Each (tool, prompt) runs in a fresh subprocess (circuit-tracer in its own venv,
-``--ct-python``). Memory: the process's peak RSS (``VmHWM``) *during the trace*, reset after
-loading with ``/proc/self/clear_refs`` (so the model loads are not counted), and the process's
-RSS before the trace (model + transcoders); ``ru_maxrss`` of the whole process is recorded too.
+``--ct-python``). Memory: each worker first traces a 4-token prefix (a warm-up that pages in what
+both tools load lazily: adag's memory-mapped model and transcoder weights, circuit-tracer's lazy
+decoders), then resets the peak RSS (``VmHWM``, via ``/proc/self/clear_refs``) and records the
+peak during the first timed trace: "+" is that peak over the RSS before the trace (what the
+trace itself needs); the absolute peak and ``ru_maxrss`` of the whole process are recorded too.
 
 circuit-tracer is loaded the way its README says (``ReplacementModel.from_pretrained_and_
 transcoders`` on the TransformerLens backend, ``load_transcoder_set`` with its default lazy
