@@ -528,18 +528,18 @@ def test_bos_embedding_is_a_source_only_node():
 
 
 @pytest.mark.parametrize("T_", [5, 40])
-def test_active_rows_equal_the_gathered_dot(T_):
-    """``ActiveRows`` (dense for short prompts, grouped by position for long ones) and
-    ``PositionRows`` equal ``g[b, pos[k]] · w[k]`` computed one entry at a time."""
+def test_position_rows_equal_the_gathered_dot(T_):
+    """``PositionRows`` (the active decoder rows grouped by position) equals
+    ``g[b, pos[k]] · w[k]`` computed one entry at a time."""
     gen = torch.Generator().manual_seed(0)
     n, d, B = 23, 7, 3
     pos = torch.randint(0, T_, (n,), generator=gen)
     w = torch.randn(n, d, generator=gen, dtype=torch.float64)
     g = torch.randn(B, T_, d, generator=gen, dtype=torch.float64)
     want = torch.stack([g[:, int(p)] @ w[k] for k, p in enumerate(pos)], dim=1)
-    for block in (feat.ActiveRows(pos, w, T_), feat.PositionRows(pos, w, T_)):
-        torch.testing.assert_close(block.dot(g), want, rtol=1e-12, atol=1e-12)
-    assert (feat.ActiveRows(pos, w, T_).grouped is None) == (T_ <= feat.ActiveRows.DENSE_MAX_T)
+    torch.testing.assert_close(feat.PositionRows(pos, w, T_).dot(g), want, rtol=1e-12, atol=1e-12)
+    empty = feat.PositionRows(pos[:0], w[:0], T_).dot(g)
+    assert empty.shape == (B, 0)
 
 
 @pytest.mark.parametrize("arch,kind", [("llama", "clt"), ("gemma2", "plt")])

@@ -37,8 +37,10 @@ if TYPE_CHECKING:
     from adag.models.model import Model
     from adag.models.sites import SiteRun
 
-EdgeSource = Callable[[Mapping[str, Tensor], int], Tensor]
-"""One family's nodes of one layer as sources of the edge pass: ``(grads, rows) -> (rows, n)``."""
+EdgeSource = Callable[[Mapping[str, Tensor], int, float], Tensor]
+"""One family's nodes as sources of the edge pass: ``(grads, rows, reach) -> (rows, n)``, with
+zeros (not computed) for the nodes that write after stage ``reach`` (the pass's deepest
+target read)."""
 
 Mode = Literal["clean", "attribution", "edges", "replica"]
 """The forward passes of a trace: the clean run (values), the attribution pass (linearised
@@ -155,23 +157,39 @@ class NodeFamily:
 
     def edge_source(self, model: Model, clean: Mapping[str, Tensor], nodes: Nodes) -> EdgeSource:
         """This family's kept nodes as sources of the edge pass: prepared once per trace, the
-        returned function maps the gradients at :meth:`edge_grad_sites` and a row count ``b`` to
-        ``(b, len(nodes))``: ``a_s · ∂target/∂a_s`` for the first ``b`` rows. Default: per
-        layer, :meth:`source_contributions` at :meth:`site`."""
+        returned function maps the gradients at :meth:`edge_grad_sites`, a row count ``b`` and
+        the pass's reach (the deepest read stage of its targets) to ``(b, len(nodes))``:
+        ``a_s · ∂target/∂a_s`` for the first ``b`` rows, zero for nodes writing after the
+        reach (whose gradients the pass does not compute). Default: per layer,
+        :meth:`source_contributions` at :meth:`site`."""
         blocks = []
         for layer in sorted(set(nodes.layer.tolist())):
-            sel = nodes.of_layer(layer)
+            sel = nodes.of_layer(layer).nonzero().flatten()
             site = self.site(layer)
-            blocks.append((site, clean[site], nodes.pos[sel], nodes.idx[sel], nodes.act[sel]))
+            blocks.append(
+                (self.write_stage(layer), sel, site, clean[site], nodes.pos[sel], nodes.idx[sel])
+            )
+        n = len(nodes)
 
-        def contributions(grads: Mapping[str, Tensor], rows: int) -> Tensor:
-            parts = [
-                self.source_contributions(grads[site][:rows], x, pos, idx, act)
-                for site, x, pos, idx, act in blocks
-            ]
-            return torch.cat(parts, dim=1) if parts else nodes.act.new_zeros(rows, 0)
+        def contributions(grads: Mapping[str, Tensor], rows: int, reach: float) -> Tensor:
+            out = nodes.act.new_zeros(rows, n)
+            for write, sel, site, x, pos, idx in blocks:
+                if write <= reach:
+                    out[:, sel] = self.source_contributions(
+                        grads[site][:rows], x, pos, idx, nodes.act[sel]
+                    )
+            return out
 
         return contributions
+
+    def edge_sites_within(self, model: Model, layers: Sequence[int], reach: float) -> list[str]:
+        """The :meth:`edge_grad_sites` of ``layers`` that a pass of reach ``reach`` needs."""
+        return [
+            s
+            for layer in layers
+            if self.write_stage(layer) <= reach
+            for s in self.edge_grad_sites(model, layer)
+        ]
 
     def seeds(
         self,

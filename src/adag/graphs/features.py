@@ -51,7 +51,7 @@ clean run, the MLP output is ``clean reconstruction (constant) + skip (live) + e
 and the real MLPs are not computed (:meth:`adag.models.model.Model.skip_mlps`). A target
 feature's seed is ``r · W_enc[i]`` at its MLP input (``pre = x @ W_enc.T + b_enc``); a source
 feature's contribution is ``a · Σ_t ∂target/∂mlp_out_t · W_dec[s→t][i]``, read from the error
-sites' gradients through its active decoder row only (:class:`ActiveRows`).
+sites' gradients through its active decoder row only (:class:`PositionRows`).
 """
 
 from __future__ import annotations
@@ -124,30 +124,6 @@ class PositionRows:
         gu = g[:, self.used].transpose(0, 1).to(self.w.dtype)  # (U, B, d)
         r = torch.bmm(gu, self.w.transpose(1, 2))  # (U, B, n_max)
         return r[self.cpos, :, self.slot].T
-
-
-class ActiveRows:
-    """``out[b, k] = g[b, pos[k]] · w[k]`` for a ``(B, T, d)`` gradient: for short prompts one
-    dense product ``(B·T, d) @ (d, n)`` and a diagonal pick, for long ones the position-grouped
-    :class:`PositionRows` (work ``B·n·d`` instead of ``B·T·n·d``)."""
-
-    DENSE_MAX_T = 32
-
-    def __init__(self, pos: Tensor, w: Tensor, T: int) -> None:
-        self.T, self.pos = T, pos
-        if T <= self.DENSE_MAX_T:
-            self.wt = w.T.contiguous()  # (d, n)
-            self.cols = torch.arange(len(pos), device=pos.device)
-            self.grouped: PositionRows | None = None
-        else:
-            self.grouped = PositionRows(pos, w, T)
-
-    def dot(self, g: Tensor) -> Tensor:
-        if self.grouped is not None:
-            return self.grouped.dot(g)
-        B, T, d = g.shape
-        full = (g.reshape(B * T, d).to(self.wt.dtype) @ self.wt).view(B, T, -1)
-        return full[:, self.pos, self.cols]
 
 
 def _swap_grad(value: Tensor, surrogate: Tensor) -> Tensor:
@@ -338,23 +314,29 @@ class TranscoderFeatures(NodeFamily):
 
     def edge_source(self, model: Model, clean: Mapping[str, Tensor], nodes: Nodes) -> EdgeSource:
         # a_s · Σ_t ∂target/∂mlp_out_t · W_dec[s→t][i]: only the active decoder rows, scaled by
-        # their activations (prepared once; per pass one small product per source and target)
+        # their activations (prepared once; per pass one small product per source and target
+        # layer within the pass's reach)
         tc, T = self.rep.tc, int(clean[EMBED_SITE].shape[0])
-        blocks: list[tuple[Tensor, str, ActiveRows]] = []
+        blocks: list[tuple[float, Tensor, str, PositionRows]] = []
         for s in sorted(set(nodes.layer.tolist())):
             sel = nodes.of_layer(s).nonzero().flatten()
             for t in tc.targets(s):
                 w = tc.decoder(s, t)[nodes.idx[sel]].to(nodes.act.dtype) * nodes.act[sel, None]
-                blocks.append((sel, error_site(t), ActiveRows(nodes.pos[sel], w, T)))
+                blocks.append((t + 1.0, sel, error_site(t), PositionRows(nodes.pos[sel], w, T)))
         n = len(nodes)
 
-        def contributions(grads: Mapping[str, Tensor], rows: int) -> Tensor:
+        def contributions(grads: Mapping[str, Tensor], rows: int, reach: float) -> Tensor:
             out = nodes.act.new_zeros(rows, n)
-            for sel, site, block in blocks:
-                out[:, sel] += block.dot(grads[site][:rows])
+            for write, sel, site, block in blocks:
+                if write <= reach:
+                    out[:, sel] += block.dot(grads[site][:rows])
             return out
 
         return contributions
+
+    def edge_sites_within(self, model: Model, layers: Sequence[int], reach: float) -> list[str]:
+        tc = self.rep.tc
+        return [error_site(t) for s in layers for t in tc.targets(s) if t + 1.0 <= reach]
 
     def splice(
         self, model: Model, mode: Mode, clean: Mapping[str, Tensor] | None
@@ -451,7 +433,6 @@ def replacement_families(
 
 
 __all__ = [
-    "ActiveRows",
     "ErrorNodes",
     "PositionRows",
     "Replacement",

@@ -576,11 +576,25 @@ def direct_edges(
                 chunk = chunk[torch.argsort(rows_of[chunk])]
                 b = len(chunk)
                 pairs = _chunk_seeds(model, run, clean, families, kept, z, tf[chunk], ti[chunk])
-                grads = run.vjp([o for o, _ in pairs], [s for _, s in pairs], retain_graph=True)
+                # sources writing after the deepest target's read get no gradient: skip them
+                reach = float(tr[chunk].max())
+                need = list(
+                    dict.fromkeys(
+                        [EMBED]
+                        + [
+                            s
+                            for f, ls in zip(families, src_layers, strict=True)
+                            for s in f.edge_sites_within(model, ls, reach)
+                        ]
+                    )
+                )
+                grads = run.vjp(
+                    [o for o, _ in pairs], [s for _, s in pairs], retain_graph=True, sites=need
+                )
                 if P < T:  # every site is (batch, pos, ...): positions >= P have no effect
                     grads = {k: _pad_pos(v, T) for k, v in grads.items()}
                 parts = [torch.einsum("bpd,pd->bp", grads[EMBED][:b], emb)[:, embed_pos]]
-                parts += [source(grads, b) for source in sources]
+                parts += [source(grads, b, reach) for source in sources]
                 contrib = torch.cat(parts, dim=1)  # (b, E + n_all): a_s · ∂target/∂a_s
                 w = contrib / tv[chunk][:, None]
                 ok = (src_write[None, :] <= tr[chunk][:, None]) & (w.abs() >= edge_threshold)

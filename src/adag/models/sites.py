@@ -358,11 +358,14 @@ class SiteRun(Session):
         grad_outputs: Sequence[Tensor],
         *,
         retain_graph: bool = False,
+        sites: Sequence[str] | None = None,
     ) -> dict[str, Tensor]:
         """Vector–Jacobian products: the gradient of ``Σ_i <outputs[i], grad_outputs[i]>`` with
-        respect to every ``grad`` site (zeros where there is no path). With a batch of identical
-        rows and seeds in different rows, one call gives one gradient per row."""
-        names = [n for n in self.grad if n in self.leaves]
+        respect to every ``grad`` site (zeros where there is no path), or to ``sites`` only (a
+        subset of them). With a batch of identical rows and seeds in different rows, one call
+        gives one gradient per row."""
+        wanted = self.grad if sites is None else sites
+        names = [n for n in wanted if n in self.leaves]
         leaves = [self.leaves[n] for n in names]
         live = [(o, g) for o, g in zip(outputs, grad_outputs, strict=True) if o.requires_grad]
         if not live:
