@@ -388,7 +388,7 @@ def test_pruned_graph_is_consistent_and_round_trips(tmp_path: Any) -> None:
         assert flows[(p.node_ids[s], p.node_ids[t])] == f
     order = [list(full).index(key) for key, _ in kept]
     assert order == sorted(order)
-    assert p.edge_source.dtype == g.edge_source.dtype == np.int64
+    assert p.edge_source.dtype == g.edge_source.dtype == np.int32
     # always-kept kinds, and no stranded interior node
     assert set(g.node_ids) - set(p.node_ids) <= {
         i for i, k in zip(g.node_ids, g.node_kinds, strict=True) if k in ("neuron", "error")

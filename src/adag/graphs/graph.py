@@ -18,8 +18,8 @@ field                   shape / type     meaning
                                          neurons and embeddings ``Σ_d e·dm/de``; ``c_j · logit_j``
                                          for the target logit ``j`` with coefficient ``c_j``)
 ``node_tokens``         list[str] (N)    the prompt token at the node's position (logits: target)
-``edge_source``         int64 (E)        row of the source node
-``edge_target``         int64 (E)        row of the target node
+``edge_source``         int32 (E)        row of the source node
+``edge_target``         int32 (E)        row of the target node
 ``edge_weight``         float (E)        direct effect of the source on the target, normalised by
                                          the target: ``a_s · ∂a_t/∂a_s / a_t`` (the MLPs strictly
                                          between are stop-gradded); into logits
@@ -119,6 +119,10 @@ class Graph:
     :meth:`adjacency` can give circuit-tracer's demeaned logit rows."""
 
     def __post_init__(self) -> None:
+        # edge rows are int32 (graphs of millions of edges; rows < 2**31): saved graphs with
+        # int64 rows load the same
+        self.edge_source = np.ascontiguousarray(self.edge_source, dtype=np.int32)
+        self.edge_target = np.ascontiguousarray(self.edge_target, dtype=np.int32)
         n, e = len(self.node_ids), len(self.edge_source)
         t, k = len(self.prompt_ids), len(self.target_ids)
         want = {

@@ -756,7 +756,7 @@ def assemble(
     )
     output_attr = col(emb_out[:, embed_pos].T.cpu(), "out_attr", torch.zeros(K, K, dtype=emb.dtype))
     src_t, tgt_t, w, mean_effect = edges
-    src, tgt = _np(src_t).astype(np.int64), _np(tgt_t).astype(np.int64)
+    src, tgt = _np(src_t), _np(tgt_t)  # int32
     w_np = _np(w)
     flow = w_np * _np(attribution)[tgt] / clean.metric
     target_tokens = [tok_str(t) for t in tid.tolist()]
