@@ -537,7 +537,12 @@ def test_position_rows_equal_the_gathered_dot(T_):
     w = torch.randn(n, d, generator=gen, dtype=torch.float64)
     g = torch.randn(B, T_, d, generator=gen, dtype=torch.float64)
     want = torch.stack([g[:, int(p)] @ w[k] for k, p in enumerate(pos)], dim=1)
-    torch.testing.assert_close(feat.PositionRows(pos, w, T_).dot(g), want, rtol=1e-12, atol=1e-12)
+    rows = feat.PositionRows(pos, w, T_)
+    torch.testing.assert_close(rows.dot(g), want, rtol=1e-12, atol=1e-12)
+    P = T_ // 2  # a prefix pass: entries at positions >= P are 0
+    torch.testing.assert_close(
+        rows.dot(g[:, :P]), torch.where(pos < P, want, 0.0), rtol=1e-12, atol=1e-12
+    )
     empty = feat.PositionRows(pos[:0], w[:0], T_).dot(g)
     assert empty.shape == (B, 0)
 

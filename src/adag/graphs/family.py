@@ -174,10 +174,17 @@ class NodeFamily:
         def contributions(grads: Mapping[str, Tensor], rows: int, reach: float) -> Tensor:
             out = nodes.act.new_zeros(rows, n)
             for write, sel, site, x, pos, idx in blocks:
-                if write <= reach:
-                    out[:, sel] = self.source_contributions(
-                        grads[site][:rows], x, pos, idx, nodes.act[sel]
+                if write > reach:
+                    continue
+                g = grads[site][:rows]
+                P = g.shape[1]  # a prefix pass: nodes at positions >= P have no effect
+                if P < x.shape[0]:
+                    m = pos < P
+                    out[:, sel[m]] = self.source_contributions(
+                        g, x[:P], pos[m], idx[m], nodes.act[sel[m]]
                     )
+                else:
+                    out[:, sel] = self.source_contributions(g, x, pos, idx, nodes.act[sel])
             return out
 
         return contributions

@@ -108,6 +108,7 @@ class PositionRows:
         self.used = counts.nonzero().flatten()
         compact = torch.full((T,), -1, dtype=torch.long, device=pos.device)
         compact[self.used] = torch.arange(len(self.used), device=pos.device)
+        self.compact = compact
         order = torch.argsort(pos, stable=True)
         starts = torch.cumsum(counts, 0) - counts
         slot = torch.empty_like(pos)
@@ -118,12 +119,22 @@ class PositionRows:
         self.w[self.cpos, slot] = w
 
     def dot(self, g: Tensor) -> Tensor:
-        """``(B, n)`` from ``g (B, T, d)``."""
+        """``(B, n)`` from ``g (B, P, d)``, ``P <= T`` (a prefix pass: entries at positions
+        ``>= P`` are 0)."""
+        B, P = g.shape[0], g.shape[1]
         if not len(self.cpos):
-            return g.new_zeros(g.shape[0], 0)
-        gu = g[:, self.used].transpose(0, 1).to(self.w.dtype)  # (U, B, d)
-        r = torch.bmm(gu, self.w.transpose(1, 2))  # (U, B, n_max)
-        return r[self.cpos, :, self.slot].T
+            return g.new_zeros(B, 0)
+        u = int(torch.searchsorted(self.used, P)) if P < len(self.compact) else len(self.used)
+        if u == 0:
+            return g.new_zeros(B, len(self.cpos))
+        gu = g[:, self.used[:u]].transpose(0, 1).to(self.w.dtype)  # (u, B, d)
+        r = torch.bmm(gu, self.w[:u].transpose(1, 2))  # (u, B, n_max)
+        if u == len(self.used):
+            return r[self.cpos, :, self.slot].T
+        out = r.new_zeros(B, len(self.cpos))
+        m = self.cpos < u
+        out[:, m] = r[self.cpos[m], :, self.slot[m]].T
+        return out
 
 
 def _swap_grad(value: Tensor, surrogate: Tensor) -> Tensor:

@@ -591,9 +591,16 @@ def direct_edges(
                 grads = run.vjp(
                     [o for o, _ in pairs], [s for _, s in pairs], retain_graph=True, sites=need
                 )
-                if P < T:  # every site is (batch, pos, ...): positions >= P have no effect
-                    grads = {k: _pad_pos(v, T) for k, v in grads.items()}
-                parts = [torch.einsum("bpd,pd->bp", grads[EMBED][:b], emb)[:, embed_pos]]
+                # a prefix pass: every site is (batch, P, ...); sources at positions >= P
+                # have no effect (each family's source handles P < T)
+                e_full = torch.einsum("bpd,pd->bp", grads[EMBED][:b], emb[:P])
+                if P < T:
+                    e_part = e_full.new_zeros(b, E)
+                    inside = embed_pos < P
+                    e_part[:, inside] = e_full[:, embed_pos[inside]]
+                else:
+                    e_part = e_full[:, embed_pos]
+                parts = [e_part]
                 parts += [source(grads, b, reach) for source in sources]
                 contrib = torch.cat(parts, dim=1)  # (b, E + n_all): a_s · ∂target/∂a_s
                 w = contrib / tv[chunk][:, None]
@@ -648,13 +655,6 @@ def _prefix_groups(chunks: list[Tensor], prefix: Tensor) -> list[tuple[int, list
         else:
             groups.append((P, list(cs)))
     return groups
-
-
-def _pad_pos(x: Tensor, T: int) -> Tensor:
-    """``x`` (batch, P, ...) zero-padded to (batch, T, ...)."""
-    out = x.new_zeros(x.shape[0], T, *x.shape[2:])
-    out[:, : x.shape[1]] = x
-    return out
 
 
 def _stages(stage: Callable[[int], float], layers: Tensor) -> Tensor:
