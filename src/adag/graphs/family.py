@@ -178,7 +178,7 @@ class NodeFamily:
                     continue
                 g = grads[site][:rows]
                 P = g.shape[1]  # a prefix pass: nodes at positions >= P have no effect
-                if P < x.shape[0]:
+                if x.shape[0] > P:
                     m = pos < P
                     out[:, sel[m]] = self.source_contributions(
                         g, x[:P], pos[m], idx[m], nodes.act[sel[m]]

@@ -124,7 +124,7 @@ class PositionRows:
         B, P = g.shape[0], g.shape[1]
         if not len(self.cpos):
             return g.new_zeros(B, 0)
-        u = int(torch.searchsorted(self.used, P)) if P < len(self.compact) else len(self.used)
+        u = int(torch.searchsorted(self.used, P)) if len(self.compact) > P else len(self.used)
         if u == 0:
             return g.new_zeros(B, len(self.cpos))
         gu = g[:, self.used[:u]].transpose(0, 1).to(self.w.dtype)  # (u, B, d)
