@@ -589,3 +589,30 @@ def test_one_row_per_pass_gives_the_same_graph():
     assert narrow.node_ids == wide.node_ids and len(wide.target_ids) > 1
     for f in ("node_attribution", "output_attr", "input_attr", "edge_weight"):
         np.testing.assert_allclose(getattr(narrow, f), getattr(wide, f), rtol=1e-10, atol=1e-13)
+
+
+def test_skip_mlps_puts_back_an_instance_forward():
+    """``Model.skip_mlps`` zeroes the MLPs inside the block only, and restores a forward set on
+    the module instance (as accelerate's device hooks do)."""
+    from adag.models.sites import get_module, layer_modules
+
+    m = tiny_model("llama")
+    mlp = get_module(layer_modules(m.hf, m.spec)[0], m.spec.mlp)
+    ids = torch.randint(0, 61, (T,), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = m(ids[None])
+        calls = []
+        original = mlp.forward
+
+        def wrapped(*a, **k):
+            calls.append(1)
+            return original(*a, **k)
+
+        mlp.forward = wrapped
+        with m.skip_mlps(range(m.n_layers)):
+            skipped = m(ids[None])
+        assert not calls and (skipped - want).abs().max() > 1e-6
+        assert mlp.forward is wrapped
+        torch.testing.assert_close(m(ids[None]), want, rtol=0, atol=0)
+        assert calls
+        del mlp.forward

@@ -260,13 +260,18 @@ class Model:
             for layer, block in enumerate(layer_modules(self.hf, self.spec))
             if layer in wanted
         ]
+        # an instance-level forward (accelerate's device hooks put one there) is put back
+        saved = [(mod, mod.__dict__.get("forward")) for mod in mods]
         for mod in mods:
             mod.forward = _zero_mlp  # type: ignore[method-assign]
         try:
             yield
         finally:
-            for mod in mods:
-                del mod.forward
+            for mod, prev in saved:
+                if prev is None:
+                    del mod.forward
+                else:
+                    mod.forward = prev  # type: ignore[method-assign]
 
     @contextmanager
     def session(self, session: Session) -> Iterator[Session]:
