@@ -89,6 +89,32 @@ def _reset_hwm() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
+def _measure(trace, ids, repeats: int) -> tuple[dict, object]:
+    """Warm up on a 4-token prefix (pages in lazily loaded weights), then time ``repeats`` traces
+    of ``ids``; the peak RSS is that of the first timed trace. Returns the record's memory and
+    time fields and the last result."""
+    cold = _rss_mb()
+    trace(ids[:4])
+    rss0 = _rss_mb()
+    _reset_hwm()
+    times, hwm, result = [], float("nan"), None
+    for r in range(repeats):
+        t0 = time.perf_counter()
+        result = trace(ids)
+        times.append(time.perf_counter() - t0)
+        if r == 0:
+            hwm = _hwm_mb()
+    assert result is not None
+    record = {
+        "times": times,
+        "rss_cold_mb": cold,
+        "rss_before_mb": rss0,
+        "trace_peak_mb": hwm,
+        "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    return record, result
+
+
 def _smollm2_dir() -> Path:
     return next((Path.home() / ".cache/adag/models").glob("SmolLM2-135M-Instruct*"))
 
@@ -139,26 +165,10 @@ def worker_adag(a: argparse.Namespace) -> dict:
         batch_size=a.batch_size,
         max_batch_tokens=a.max_batch_tokens or a.batch_size * len(ids),
     )
-    cold = _rss_mb()
-    adag.trace(model, ids[:4], transcoders=tc, **opts)  # warm-up: pages in lazily loaded weights
-    rss0 = _rss_mb()
-    _reset_hwm()
-    times = []
-    g = None
-    for r in range(a.repeats):
-        t0 = time.perf_counter()
-        g = adag.trace(model, ids, transcoders=tc, **opts)[0]
-        times.append(time.perf_counter() - t0)
-        if r == 0:
-            hwm = _hwm_mb()
-    assert g is not None
+    record, g = _measure(lambda x: adag.trace(model, x, transcoders=tc, **opts)[0], ids, a.repeats)
     out = {
         "tool": "adag",
-        "times": times,
-        "rss_cold_mb": cold,
-        "rss_before_mb": rss0,
-        "trace_peak_mb": hwm,
-        "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        **record,
         "n_features": int(sum(k == "feature" for k in g.node_kinds)),
         "n_nodes": g.n_nodes,
         "n_edges": len(g.edge_weight),
@@ -233,34 +243,22 @@ def worker_ct(a: argparse.Namespace) -> dict:
     del hf
     gc.collect()
     ids = torch.tensor(json.loads(a.ids))
-    cold = _rss_mb()
-    attribute(ids[:4], model, max_n_logits=10, desired_logit_prob=0.95, batch_size=a.batch_size)
-    rss0 = _rss_mb()
-    _reset_hwm()
-    times = []
-    g = None
-    for r in range(a.repeats):
-        t0 = time.perf_counter()
-        g = attribute(
-            ids,
+    record, g = _measure(
+        lambda x: attribute(
+            x,
             model,
             max_n_logits=10,
             desired_logit_prob=0.95,
             batch_size=a.batch_size,
             max_feature_nodes=a.max_feature_nodes,
-        )
-        times.append(time.perf_counter() - t0)
-        if r == 0:
-            hwm = _hwm_mb()
-    assert g is not None
+        ),
+        ids,
+        a.repeats,
+    )
     sel = g.active_features[g.selected_features]
     out = {
         "tool": "circuit-tracer",
-        "times": times,
-        "rss_cold_mb": cold,
-        "rss_before_mb": rss0,
-        "trace_peak_mb": hwm,
-        "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        **record,
         "n_features": len(sel),
         "n_active": len(g.active_features),
         "n_nodes": int(g.adjacency_matrix.shape[0]),
