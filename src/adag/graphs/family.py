@@ -178,13 +178,10 @@ class NodeFamily:
                     continue
                 g = grads[site][:rows]
                 P = g.shape[1]  # a prefix pass: nodes at positions >= P have no effect
-                if x.shape[0] > P:
-                    m = pos < P
-                    out[:, sel[m]] = self.source_contributions(
-                        g, x[:P], pos[m], idx[m], nodes.act[sel[m]]
-                    )
-                else:
-                    out[:, sel] = self.source_contributions(g, x, pos, idx, nodes.act[sel])
+                m = pos < P
+                out[:, sel[m]] = self.source_contributions(
+                    g, x[:P], pos[m], idx[m], nodes.act[sel[m]]
+                )
             return out
 
         return contributions

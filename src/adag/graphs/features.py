@@ -72,7 +72,6 @@ if TYPE_CHECKING:
     from adag.models.sites import SiteRun
     from adag.transcoders import Transcoders
 
-EMBED_SITE = "blocks.0.hook_resid_pre"
 _SPLICE_SITE = re.compile(r"^blocks\.(\d+)\.(mlp\.hook_in|hook_mlp_out)$")
 
 
@@ -161,6 +160,19 @@ class Replacement:
             model.register_site(feature_site(layer), ("batch", "pos", "d_feature"))
         for layer in range(model.n_layers):
             model.register_site(error_site(layer), ("batch", "pos", "d_model"))
+        self._edge_consts: tuple[Mapping[str, Tensor], dict[int, Tensor]] | None = None
+
+    def edge_constant(self, clean: Mapping[str, Tensor], layer: int) -> Tensor:
+        """The clean reconstruction of a covered ``layer`` without its skip term,
+        ``(pos, d_model)``: the MLP output's constant part in the edge pass. Computed once per
+        clean run (the edge pass runs a forward per prefix group)."""
+        if self._edge_consts is None or self._edge_consts[0] is not clean:
+            self._edge_consts = (clean, {})
+        memo = self._edge_consts[1]
+        if layer not in memo:
+            acts = {s: clean[feature_site(s)] for s in self.tc.sources(layer)}
+            memo[layer] = self.tc.decode(acts, layer, skip=False)
+        return memo[layer]
 
     def reconstruction(self, layer: int, acts: Mapping[int, Tensor], x: Tensor | None) -> Tensor:
         """``Σ_s decode_{s→layer}(a_s) + b_dec (+ x W_skip^T)`` for a covered layer; ``x`` is
@@ -235,16 +247,6 @@ class ReplacementSplice(Session):
             act = _swap_grad(clean_act, r * pre) if self.mode == "attribution" else r * pre
         self.acts[layer] = publish(feature_site(layer), act)
 
-    def _edge_constant(self, layer: int) -> Tensor:
-        """The clean reconstruction of ``layer`` without its skip term, ``(pos, d_model)``."""
-        assert self.clean is not None
-        tc = self.rep.tc
-        acts = {s: self.clean[feature_site(s)] for s in tc.sources(layer)}
-        out: Tensor = tc.b_dec[tc.index(layer)]
-        for s, a in acts.items():
-            out = out + a @ tc.decoder(s, layer)
-        return out
-
     def _replace(self, layer: int, x: Tensor) -> Tensor:
         rep = self.rep
         if self.mode == "edges":
@@ -252,7 +254,8 @@ class ReplacementSplice(Session):
             err = self.model.publish(error_site(layer), self._clean(error_site(layer), x))
             if layer not in rep.covered:
                 return err
-            out = err + self._edge_constant(layer)[: err.shape[1]].to(err.dtype)
+            assert self.clean is not None
+            out = err + rep.edge_constant(self.clean, layer)[: err.shape[1]].to(err.dtype)
             if rep.tc.W_skip is not None:
                 out = out + rep.tc.skip(layer, self.inputs[layer])
             return out
@@ -327,7 +330,8 @@ class TranscoderFeatures(NodeFamily):
         # a_s · Σ_t ∂target/∂mlp_out_t · W_dec[s→t][i]: only the active decoder rows, scaled by
         # their activations (prepared once; per pass one small product per source and target
         # layer within the pass's reach)
-        tc, T = self.rep.tc, int(clean[EMBED_SITE].shape[0])
+        tc = self.rep.tc
+        T = int(clean[feature_site(self.rep.covered[0])].shape[0])
         blocks: list[tuple[float, Tensor, str, PositionRows]] = []
         for s in sorted(set(nodes.layer.tolist())):
             sel = nodes.of_layer(s).nonzero().flatten()

@@ -29,9 +29,9 @@ pass whose graph is kept; each row carries the seed of a different target node, 
 gives ``batch_size`` targets' gradients, and targets of different layers and families share a pass
 (deepest first). A target at position ``p`` depends on positions ``<= p`` only, so targets are
 grouped by the prefix they need and a group gets a forward of that prefix when the narrower
-backward passes save more than the forward costs (:func:`_prefix_groups`). Nothing dense over all nodes × positions × targets is built: each pass gathers the
-kept sources' gradients and keeps the edges above threshold, so memory is linear in kept nodes and
-edges.
+backward passes save more than the forward costs (:func:`_prefix_groups`). Nothing dense over
+all nodes × positions × targets is built: each pass gathers the kept sources' gradients and keeps
+the edges above threshold, so memory is linear in kept nodes and edges.
 """
 
 from __future__ import annotations
@@ -545,17 +545,20 @@ def direct_edges(
     order = torch.argsort(prefix * (L + 2) + tr, descending=True, stable=True)
     src_layers = [sorted(set(n.layer.tolist())) for n in kept]
     reads = [s for f, ls in zip(families, src_layers, strict=True) for s in f.edge_sites(model, ls)]
-    grads_at = list(
-        dict.fromkeys(
-            [EMBED]
-            + [
-                s
-                for f, ls in zip(families, src_layers, strict=True)
-                for layer in ls
-                for s in f.edge_grad_sites(model, layer)
-            ]
+
+    def grad_sites(reach: float) -> list[str]:  # the sites a pass of this reach needs
+        return list(
+            dict.fromkeys(
+                [EMBED]
+                + [
+                    s
+                    for f, ls in zip(families, src_layers, strict=True)
+                    for s in f.edge_sites_within(model, ls, reach)
+                ]
+            )
         )
-    )
+
+    grads_at = grad_sites(float("inf"))
     sources = [  # every family's nodes, prepared once
         f.edge_source(model, clean.values, n) for f, n in zip(families, kept, strict=True)
     ]
@@ -578,18 +581,11 @@ def direct_edges(
                 pairs = _chunk_seeds(model, run, clean, families, kept, z, tf[chunk], ti[chunk])
                 # sources writing after the deepest target's read get no gradient: skip them
                 reach = float(tr[chunk].max())
-                need = list(
-                    dict.fromkeys(
-                        [EMBED]
-                        + [
-                            s
-                            for f, ls in zip(families, src_layers, strict=True)
-                            for s in f.edge_sites_within(model, ls, reach)
-                        ]
-                    )
-                )
                 grads = run.vjp(
-                    [o for o, _ in pairs], [s for _, s in pairs], retain_graph=True, sites=need
+                    [o for o, _ in pairs],
+                    [s for _, s in pairs],
+                    retain_graph=True,
+                    sites=grad_sites(reach),
                 )
                 # a prefix pass: every site is (batch, P, ...); sources at positions >= P
                 # have no effect (each family's source handles P < T)

@@ -309,14 +309,22 @@ class Transcoders:
             return torch.zeros_like(x)
         return x @ self.W_skip[i].T
 
-    def decode(self, acts: Mapping[int, Tensor], layer: int, *, x: Tensor | None = None) -> Tensor:
+    def decode(
+        self,
+        acts: Mapping[int, Tensor],
+        layer: int,
+        *,
+        x: Tensor | None = None,
+        skip: bool = True,
+    ) -> Tensor:
         """The reconstruction ``(..., d_model)`` of ``layer``'s MLP output from feature activations
         ``{source layer: (..., d_features)}``: the sum of every given source's decoded features
         that writes to ``layer`` (entries of other layers are ignored, absent sources contribute
         nothing), plus ``b_dec[layer]``, plus the skip term of ``x`` (``layer``'s MLP input),
-        which transcoders with skip weights require."""
+        which transcoders with skip weights require unless ``skip=False`` (the decoded part
+        only)."""
         t = self.index(layer)
-        if self.W_skip is not None and x is None:
+        if skip and self.W_skip is not None and x is None:
             raise AdagError(
                 "these transcoders have skip weights: pass x= (the layer's MLP input) to decode"
             )
@@ -328,7 +336,7 @@ class Transcoders:
             term = a @ self.decoder(source, layer)
             out = term if out is None else out + term
         out = self.b_dec[t] if out is None else out + self.b_dec[t]
-        if x is not None and self.W_skip is not None:
+        if skip and x is not None and self.W_skip is not None:
             out = out + self.skip(layer, x)
         return out
 
