@@ -17,6 +17,7 @@ from adag.models.linear import linearize
 from adag.models.ops import work_dtype
 from adag.models.sites import (
     Patch,
+    Prefix,
     Session,
     SiteRun,
     get_module,
@@ -36,6 +37,47 @@ class TokenProb:
     id: int
     prob: float
     logit: float
+
+
+@dataclass(frozen=True, eq=False)
+class RunState:
+    """What :meth:`Model.forward_from` resumes from: one batch-1 forward's block inputs, keys,
+    values and attention masks at every layer (:meth:`Model.capture`)."""
+
+    tokens: Tensor
+    """``1 pos`` token ids."""
+    resid: list[Tensor]
+    """Per layer its block's input ``1 pos d_model`` (``blocks.L.hook_resid_pre``)."""
+    keys: list[Tensor]
+    values: list[Tensor]
+    masks: list[Tensor | None]
+    logits: Tensor
+    """The forward's logits at the last position, ``1 1 d_vocab``."""
+    cache: dict[str, Tensor]
+    """The other sites read in that forward."""
+
+    @property
+    def n_pos(self) -> int:
+        return int(self.tokens.shape[1])
+
+
+class _Stop(Exception):
+    pass
+
+
+class _StopAt(Session):
+    """Ends the forward pass once ``name`` has been handed to the sessions before it."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def touches(self, name: str) -> bool:
+        return name == self.name
+
+    def site(self, name: str, x: Tensor) -> Tensor:
+        if name == self.name:
+            raise _Stop
+        return x
 
 
 def _zero_mlp(*args: Any, **kwargs: Any) -> Tensor:
@@ -303,6 +345,99 @@ class Model:
         """One no-grad forward; returns logits and the values of ``sites``."""
         with torch.no_grad(), self.sites(read=sites, patches=patches) as run:
             logits = self(tokens)
+        return logits, run.cache
+
+    # -- resuming a forward --------------------------------------------------------------------
+
+    def capture(self, tokens: Tensor, read: Iterable[str] = ()) -> RunState:
+        """One no-grad forward of a single prompt (``1 pos``), keeping what
+        :meth:`forward_from` needs to resume it at any layer and position, and the sites
+        ``read``."""
+        tokens = self.check_tokens(tokens)
+        if tokens.shape[0] != 1:
+            raise AdagError(f"capture takes one prompt (batch 1), got batch {tokens.shape[0]}")
+        n = self.n_layers
+        res = [f"blocks.{i}.hook_resid_pre" for i in range(n)]
+        kv = [f"blocks.{i}.attn.hook_{x}" for i in range(n) for x in ("k", "v")]
+        d = self._dispatch
+        masks: dict[int, Tensor | None] = {}
+        d.masks = masks
+        try:
+            with torch.no_grad(), self.sites(read=[*res, *kv, *read]) as run:
+                logits = self(tokens, last_only=True)
+        finally:
+            d.masks = None
+        c = run.cache
+        return RunState(
+            tokens=tokens,
+            resid=[c[r] for r in res],
+            keys=[c[f"blocks.{i}.attn.hook_k"] for i in range(n)],
+            values=[c[f"blocks.{i}.attn.hook_v"] for i in range(n)],
+            masks=[masks.get(i) for i in range(n)],
+            logits=logits,
+            cache={k: c[k] for k in read},
+        )
+
+    def forward_from(
+        self,
+        state: RunState,
+        *,
+        layer: int,
+        start: int,
+        rows: int,
+        patches: Iterable[Patch] = (),
+        read: Iterable[str] = (),
+        stop_at: str | None = None,
+    ) -> tuple[Tensor | None, dict[str, Tensor]]:
+        """Re-run ``rows`` copies of the forward captured in ``state`` from block ``layer`` on and
+        for positions ``start..T-1`` only, with ``patches``; return the last position's logits
+        (``rows 1 d_vocab``) and the sites ``read``. Exact for any patch that leaves the blocks
+        before ``layer`` and the positions before ``start`` as they were: those come from the
+        state (block ``layer - 1``'s output, and every later layer's keys and values of the
+        positions before ``start``). No gradients.
+
+        In this forward every site's ``pos`` axis counts from ``start`` (patch position ``p`` as
+        ``p - start``); ``hook_k``/``hook_v`` hold the new positions' keys and values, and
+        ``hook_attn_scores``/``hook_pattern`` have the new query rows over all ``T`` keys. With
+        ``stop_at`` (a site name) the forward ends when that site is reached, the logits are
+        None and ``read`` holds what was read up to it."""
+        t = state.n_pos
+        if not 0 <= layer < self.n_layers:
+            raise AdagError(f"layer {layer} out of range for {self.n_layers} layers")
+        if not 0 <= start < t:
+            raise AdagError(f"start position {start} out of range for a {t}-token prompt")
+        toks = state.tokens[:, start:].expand(rows, -1)
+        pos_ids = torch.arange(start, t, device=toks.device)[None].expand(rows, -1)
+        blocks = layer_modules(self.hf, self.spec)
+        # blocks before ``layer`` hand on the captured input of the next block
+        saved = [(b, b.__dict__.get("forward")) for b in blocks[:layer]]
+        for i, b in enumerate(blocks[:layer]):
+            out = state.resid[i + 1][:, start:].expand(rows, -1, -1)
+            b.forward = lambda *a, _o=out, **k: _o  # type: ignore[method-assign]
+        d = self._dispatch
+        d.prefix = Prefix(start, state.keys, state.values, state.masks)
+        logits: Tensor | None = None
+        try:
+            with torch.no_grad(), self.sites(read=read, patches=patches) as run:
+                stop = _StopAt(stop_at) if stop_at is not None else None
+                if stop is not None:
+                    d.push(stop)
+                try:
+                    logits = self.hf(
+                        input_ids=toks, position_ids=pos_ids, use_cache=False, logits_to_keep=1
+                    ).logits
+                except _Stop:
+                    logits = None
+                finally:
+                    if stop is not None:
+                        d.pop(stop)
+        finally:
+            d.prefix = None
+            for b, prev in saved:
+                if prev is None:
+                    del b.forward
+                else:
+                    b.forward = prev  # type: ignore[method-assign]
         return logits, run.cache
 
     def linearize(self, **kwargs: Any) -> Any:

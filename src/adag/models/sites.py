@@ -414,6 +414,10 @@ class Dispatch:
         self.mlp_g: dict[int, Tensor] = {}
         self.mlp_u: dict[int, Tensor] = {}
         self.handles: list[Any] = []
+        self.masks: dict[int, Tensor | None] | None = None
+        """When a dict, each attention records its mask here (:meth:`Model.capture`)."""
+        self.prefix: Prefix | None = None
+        """When set, attention prepends these cached keys and values (:meth:`Model.forward_from`)."""
 
     def push(self, s: Session) -> None:
         self.sessions.append(s)
@@ -674,6 +678,10 @@ def adag_attention(
         query = d.site(pre + "hook_q", query)
         key = d.site(pre + "hook_k", key)
         value = d.site(pre + "hook_v", value)
+    if d is not None and d.prefix is not None:
+        key, value, attention_mask = d.prefix.extend(layer, key, value)
+    if d is not None and d.masks is not None:
+        d.masks[layer] = attention_mask
     v = repeat_kv(value, query.shape[1] // value.shape[1])
     # (B, H, T, S)
     scores = attention_scores(query, key, scaling=scaling, softcap=softcap, mask=attention_mask)
@@ -691,6 +699,39 @@ def adag_attention(
         assert d is not None
         z = d.site(pre + "hook_z", z)
     return z.transpose(1, 2).contiguous(), pattern
+
+
+@dataclass
+class Prefix:
+    """Cached keys, values and masks of positions ``< start`` of one batch-1 forward, prepended by
+    :func:`adag_attention` to the keys and values of a forward that computes positions
+    ``start..T-1`` only (:meth:`adag.models.model.Model.forward_from`)."""
+
+    start: int
+    keys: Sequence[Tensor]
+    """Per layer ``1 kv_head T d_head`` (the values the attention used: after hooks, post-rotary)."""
+    values: Sequence[Tensor]
+    masks: Sequence[Tensor | None]
+    """Per layer the additive mask ``1 1 T T`` of the full forward (None: causal)."""
+
+    def extend(self, layer: int, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Keys and values of every position for the new rows, and the mask rows of the new
+        queries (``1 1 T-start T``)."""
+        b = key.shape[0]
+        k0 = self.keys[layer][:, :, : self.start].to(key.dtype)
+        v0 = self.values[layer][:, :, : self.start].to(value.dtype)
+        key = torch.cat([k0.expand(b, -1, -1, -1), key], 2)
+        value = torch.cat([v0.expand(b, -1, -1, -1), value], 2)
+        t = key.shape[2]
+        mask = self.masks[layer]
+        if mask is None:
+            q = torch.arange(self.start, t, device=key.device)[:, None]
+            k = torch.arange(t, device=key.device)[None]
+            mask = torch.zeros(t - self.start, t, dtype=key.dtype, device=key.device)
+            mask = mask.masked_fill(k > q, torch.finfo(key.dtype).min)[None, None]
+        else:
+            mask = mask[..., self.start :, :]
+        return key, value, mask
 
 
 _registered = False

@@ -95,23 +95,56 @@ class Group:
         x = x.sum(-1)  # (pos,)
         return x if self.per_pos else x.sum().reshape(1)
 
-    def patch(self, local: np.ndarray, rows: np.ndarray, source: Tensor) -> Patch:
+    def positions(self, local: np.ndarray) -> np.ndarray:
+        """The token position of each node ``local`` (-1 for nodes summed over positions)."""
+        local = np.asarray(local, dtype=np.int64)
+        if not self.per_pos:
+            return np.full(len(local), -1, dtype=np.int64)
+        if self.kind == "head":
+            return np.asarray(np.unravel_index(local, self.shape)[1], dtype=np.int64)
+        if self.kind == "neuron":
+            return np.asarray(np.unravel_index(local, self.shape)[0], dtype=np.int64)
+        return local
+
+    def patch(self, local: np.ndarray, rows: np.ndarray, source: Tensor, start: int = 0) -> Patch:
         """A Patch setting the nodes ``local`` (indices into this group) of batch rows ``rows`` to
-        their values in ``source`` (this site's activation on the source prompt, batch 1)."""
+        their values in ``source`` (this site's activation on the source prompt, batch 1).
+
+        With ``start``, for a forward of positions ``start..T-1`` only
+        (:meth:`adag.models.model.Model.forward_from`): positions count from ``start``, and
+        nodes at earlier positions are left out (the caller knows they are unchanged)."""
         src = source[0]
+        if start:
+            keep = self.positions(local) >= start
+            if self.per_pos:
+                local, rows = local[keep], rows[keep]
+            pos_axis = 1 if self.kind == "head" else 0
+            src = src.narrow(pos_axis, start, src.shape[pos_axis] - start)
         rows_l = rows.tolist()
         if self.kind == "head":
             if self.per_pos:
                 h, p = np.unravel_index(local, self.shape)
-                return Patch(self.site, src[h, p], batch=rows_l, head=h.tolist(), pos=p.tolist())
+                return Patch(
+                    self.site,
+                    src[h, p - start],
+                    batch=rows_l,
+                    head=h.tolist(),
+                    pos=(p - start).tolist(),
+                )
             return Patch(self.site, src[local], batch=rows_l, head=local.tolist())
         if self.kind == "neuron":
             if self.per_pos:
                 p, i = np.unravel_index(local, self.shape)
-                return Patch(self.site, src[p, i], batch=rows_l, pos=p.tolist(), index=i.tolist())
+                return Patch(
+                    self.site,
+                    src[p - start, i],
+                    batch=rows_l,
+                    pos=(p - start).tolist(),
+                    index=i.tolist(),
+                )
             return Patch(self.site, src[:, local].T, batch=rows_l, index=local.tolist())
         if self.per_pos:
-            return Patch(self.site, src[local], batch=rows_l, pos=local.tolist())
+            return Patch(self.site, src[local - start], batch=rows_l, pos=(local - start).tolist())
         return Patch(self.site, src[None].expand(len(rows_l), *src.shape), batch=rows_l)
 
 
@@ -146,9 +179,22 @@ class NodeSet:
             out.append((int(g), where, flat[where] - self.offsets[g]))
         return out
 
-    def patches(self, rows_of: Sequence[np.ndarray], source: dict[str, Tensor]) -> list[Patch]:
+    def layer_pos(self, flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The layer and the token position (-1: summed over positions) of flat node indices."""
+        flat = np.asarray(flat, dtype=np.int64)
+        layers = np.zeros(len(flat), dtype=np.int64)
+        pos = np.zeros(len(flat), dtype=np.int64)
+        for g, where, local in self.split(flat):
+            layers[where] = self.groups[g].layer
+            pos[where] = self.groups[g].positions(local)
+        return layers, pos
+
+    def patches(
+        self, rows_of: Sequence[np.ndarray], source: dict[str, Tensor], *, start: int = 0
+    ) -> list[Patch]:
         """Patches putting, for each batch row r, the nodes ``rows_of[r]`` to their ``source``
-        values (one forward can then carry one node set per row)."""
+        values (one forward can then carry one node set per row). ``start``: for a forward of
+        positions ``start..`` only (see :meth:`Group.patch`)."""
         flat = (
             np.concatenate([np.asarray(r, dtype=np.int64) for r in rows_of])
             if rows_of
@@ -162,7 +208,13 @@ class NodeSet:
         out = []
         for g, where, local in self.split(flat):
             grp = self.groups[g]
-            out.append(grp.patch(local, rows[where], source[grp.site]))
+            if start:
+                ps = grp.positions(local)
+                keep = (ps < 0) | (ps >= start)
+                where, local = where[keep], local[keep]
+                if not len(local):
+                    continue
+            out.append(grp.patch(local, rows[where], source[grp.site], start))
         return out
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from adag.errors import AdagError
 from adag.io import write_parquet
 from adag.patching.baselines import rank_by_magnitude
 
@@ -22,7 +24,10 @@ class NodeScores:
     magnitudes); ``abs_estimate[i]`` the mean over pairs of ``|per_pair|``. ``columns`` holds extra
     per-node columns (e.g. ``atp`` and ``atp_qk`` next to AtP*'s GradDrop estimate). ``cost`` is
     the forward passes spent (a backward counted as ``BACKWARD_COST`` forwards). Nodes are ranked by
-    ``|estimate|``.
+    ``|estimate|``. ``meta`` holds free-form run information (e.g. a certificate, stop reasons):
+    each entry is written into the arrow/parquet metadata under its key as a JSON string (numpy
+    scalars and arrays become numbers and lists); its keys may not be the built-in ones
+    (``method``, ``cost``, ``n_pairs``, ``seconds``).
     """
 
     method: str
@@ -31,6 +36,7 @@ class NodeScores:
     cost: float = 0.0
     columns: dict[str, np.ndarray] = field(default_factory=dict)
     seconds: float = 0.0
+    meta: dict[str, Any] = field(default_factory=dict)
 
     @property
     def estimate(self) -> np.ndarray:
@@ -69,6 +75,7 @@ class NodeScores:
             self.cost,
             {k: take(v) for k, v in self.columns.items()},
             self.seconds,
+            dict(self.meta),
         )
 
     def to_arrow(self) -> Any:
@@ -87,6 +94,11 @@ class NodeScores:
             "n_pairs": str(self.per_pair.shape[0]),
             "seconds": str(self.seconds),
         }
+        clash = sorted(set(self.meta) & set(meta))
+        if clash:
+            raise AdagError(f"NodeScores.meta may not use the built-in metadata keys {clash}")
+        for k, v in self.meta.items():
+            meta[str(k)] = json.dumps(v, default=_json_default)
         return pa.table(data, metadata=meta)
 
     def to_pandas(self) -> Any:
@@ -95,6 +107,13 @@ class NodeScores:
     def save(self, path: str | Path) -> Path:
         """Write a parquet file atomically (temp file + rename)."""
         return write_parquet(self.to_arrow(), path)
+
+
+def _json_default(x: Any) -> Any:
+    """numpy values in ``NodeScores.meta`` as plain JSON numbers and lists."""
+    if isinstance(x, np.ndarray | np.generic):
+        return x.tolist()
+    raise TypeError(f"NodeScores.meta: {type(x).__name__} is not JSON serialisable")
 
 
 def merge_pairs(
