@@ -388,6 +388,7 @@ class Model:
         patches: Iterable[Patch] = (),
         read: Iterable[str] = (),
         stop_at: str | None = None,
+        end: int | None = None,
     ) -> tuple[Tensor | None, dict[str, Tensor]]:
         """Re-run ``rows`` copies of the forward captured in ``state`` from block ``layer`` on and
         for positions ``start..T-1`` only, with ``patches``; return the last position's logits
@@ -400,22 +401,25 @@ class Model:
         ``p - start``); ``hook_k``/``hook_v`` hold the new positions' keys and values, and
         ``hook_attn_scores``/``hook_pattern`` have the new query rows over all ``T`` keys. With
         ``stop_at`` (a site name) the forward ends when that site is reached, the logits are
-        None and ``read`` holds what was read up to it."""
-        t = state.n_pos
+        None and ``read`` holds what was read up to it. With ``end``, only positions
+        ``start..end-1`` are computed (the logits are then those of position ``end - 1``)."""
+        t = state.n_pos if end is None else end
+        if not 0 < t <= state.n_pos:
+            raise AdagError(f"end position {end} out of range for a {state.n_pos}-token prompt")
         if not 0 <= layer < self.n_layers:
             raise AdagError(f"layer {layer} out of range for {self.n_layers} layers")
         if not 0 <= start < t:
             raise AdagError(f"start position {start} out of range for a {t}-token prompt")
-        toks = state.tokens[:, start:].expand(rows, -1)
+        toks = state.tokens[:, start:t].expand(rows, -1)
         pos_ids = torch.arange(start, t, device=toks.device)[None].expand(rows, -1)
         blocks = layer_modules(self.hf, self.spec)
         # blocks before ``layer`` hand on the captured input of the next block
         saved = [(b, b.__dict__.get("forward")) for b in blocks[:layer]]
         for i, b in enumerate(blocks[:layer]):
-            out = state.resid[i + 1][:, start:].expand(rows, -1, -1)
+            out = state.resid[i + 1][:, start:t].expand(rows, -1, -1)
             b.forward = lambda *a, _o=out, **k: _o  # type: ignore[method-assign]
         d = self._dispatch
-        d.prefix = Prefix(start, state.keys, state.values, state.masks)
+        d.prefix = Prefix(start, t, state.keys, state.values, state.masks)
         logits: Tensor | None = None
         try:
             with torch.no_grad(), self.sites(read=read, patches=patches) as run:

@@ -708,6 +708,8 @@ class Prefix:
     ``start..T-1`` only (:meth:`adag.models.model.Model.forward_from`)."""
 
     start: int
+    end: int
+    """The new positions are ``start..end-1``."""
     keys: Sequence[Tensor]
     """Per layer ``1 kv_head T d_head`` (the values the attention used: after hooks, post-rotary)."""
     values: Sequence[Tensor]
@@ -715,8 +717,8 @@ class Prefix:
     """Per layer the additive mask ``1 1 T T`` of the full forward (None: causal)."""
 
     def extend(self, layer: int, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Keys and values of every position for the new rows, and the mask rows of the new
-        queries (``1 1 T-start T``)."""
+        """Keys and values of positions ``0..end-1`` for the new rows, and the mask rows of the
+        new queries (``1 1 end-start end``)."""
         b = key.shape[0]
         k0 = self.keys[layer][:, :, : self.start].to(key.dtype)
         v0 = self.values[layer][:, :, : self.start].to(value.dtype)
@@ -730,7 +732,7 @@ class Prefix:
             mask = torch.zeros(t - self.start, t, dtype=key.dtype, device=key.device)
             mask = mask.masked_fill(k > q, torch.finfo(key.dtype).min)[None, None]
         else:
-            mask = mask[..., self.start :, :]
+            mask = mask[..., self.start : t, :t]
         return key, value, mask
 
 

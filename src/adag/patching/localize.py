@@ -434,6 +434,7 @@ def localize(
     direction: Direction = "noising",
     progress: Callable[[int, int], None] | None = None,
     certify_subsets: int = 1000,
+    results: Mapping[str, NodeScores] | None = None,
 ) -> NodeScores:
     """Localise a behaviour (``pairs``, ``metric``) to ``nodes``: run each estimator of
     :data:`ESTIMATORS` named in ``estimators``, then check their rankings (by ``|estimate|``)
@@ -459,7 +460,8 @@ def localize(
     ``budget``, ``n_checked``, ``n_prompt_pairs``, ``direction`` and ``estimators``.
 
     ``progress(done, total)`` is called after each stage (each estimator, the verification, the
-    certificate).
+    certificate). ``results`` may hold estimators already run on the same pairs, nodes and
+    metric (by name): they are used as they are, their cost counted.
     """
     from adag.patching.patch import PatchingOracle
 
@@ -487,9 +489,13 @@ def localize(
         if progress:
             progress(done, total)
 
-    results: dict[str, NodeScores] = {}
+    given = results
+    results = {}
     for name in names:
-        results[name] = ESTIMATORS[name](model, est_pairs, nodes=nodes, metric=metric)
+        if given is not None and name in given:
+            results[name] = given[name]
+        else:
+            results[name] = ESTIMATORS[name](model, est_pairs, nodes=nodes, metric=metric)
         step()
 
     oracle = PatchingOracle(
