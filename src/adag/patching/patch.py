@@ -17,6 +17,13 @@ Exact savings (the numbers are those of full forwards):
   :class:`adag.tasks.pairs.Metric`). Rows are grouped by (layer, position) so one forward
   carries many patches that start at the same place.
 * With ``base_patches`` (which may act anywhere) every patched forward is a full one.
+
+Other patched values (:mod:`adag.patching.ablate`): ``source`` gives the values at the node sites
+directly (zero, a mean, another prompt's run) instead of the noise run. Then nothing is known to
+equal the base run before the first differing token of the pair, so ``first_diff`` is 0 unless
+the caller gives it (a run on a prompt sharing the base's first tokens may). Rows of many nodes
+(e.g. everything outside a circuit) are patched from boolean masks with :meth:`mask_effects`:
+one masked replacement per site instead of a list of node indices.
 """
 
 from __future__ import annotations
@@ -54,7 +61,15 @@ class PairPatcher:
         *,
         direction: Direction = "noising",
         base_patches: Sequence[Patch] = (),
+        source: dict[str, Tensor] | None = None,
+        first_diff: int | None = None,
     ) -> None:
+        """``source``: the patched values at the node sites (``1 ...`` site layout, this pair's
+        length) instead of the other prompt's run; then the other prompt is not run, its metric
+        is NaN, the cost starts at 1 (the base run) and ``first_diff`` defaults to 0 (every
+        position may differ). ``first_diff``: the first position where the source can differ
+        from the base run (nodes before it are not patched; only for sources that are runs on a
+        prompt sharing the base's tokens up to there)."""
         if direction not in ("noising", "denoising"):
             raise AdagError(f"unknown patching direction {direction!r}; use noising or denoising")
         self.model, self.pair, self.nodes, self.metric = model, pair, nodes, metric
@@ -64,25 +79,53 @@ class PairPatcher:
             (pair.clean, pair.noise) if direction == "noising" else (pair.noise, pair.clean)
         )
         with torch.no_grad():
-            source_logits, source = model.run_with_cache(
-                source_toks, nodes.sites, patches=self.base_patches
-            )
+            source_metric = float("nan")
+            if source is None:
+                source_logits, source = model.run_with_cache(
+                    source_toks, nodes.sites, patches=self.base_patches
+                )
+                source_metric = float(metric(source_logits, pair)[0])
+                if first_diff is None:
+                    differ = (pair.clean != pair.noise)[0].nonzero()
+                    first_diff = int(differ[0]) if len(differ) else pair.n_pos
+                self.cost = 2.0
+            else:
+                missing = [s for s in nodes.sites if s not in source]
+                if missing:
+                    raise AdagError(f"the patched values lack the node sites {missing}")
+                self.cost = 1.0
             if self.base_patches:
                 base_logits, _ = model.run_with_cache(base_toks, [], patches=self.base_patches)
             else:
                 self.state = model.capture(base_toks)
                 base_logits = self.state.logits
         base_metric = float(metric(base_logits, pair)[0])
-        source_metric = float(metric(source_logits, pair)[0])
         if direction == "noising":
             self.clean_metric, self.noise_metric = base_metric, source_metric
         else:
             self.clean_metric, self.noise_metric = source_metric, base_metric
         self.base, self.source, self.base_metric = base_toks, source, base_metric
-        differ = (pair.clean != pair.noise)[0].nonzero()
-        self.first_diff = int(differ[0]) if len(differ) else pair.n_pos
-        """Nodes at earlier positions have the same value in both runs."""
-        self.cost = 2.0
+        self.first_diff = 0 if first_diff is None else int(first_diff)
+        """Nodes at earlier positions have the same value in the base and the source."""
+        self._layer_pos: tuple[np.ndarray, np.ndarray] | None = None
+
+    def set_source(self, source: dict[str, Tensor], *, first_diff: int = 0) -> None:
+        """Patch other values from now on (the base run is kept): ``source`` at the node sites,
+        equal to the base run before ``first_diff`` (0: nothing is known to be equal)."""
+        missing = [s for s in self.nodes.sites if s not in source]
+        if missing:
+            raise AdagError(f"the patched values lack the node sites {missing}")
+        self.source, self.first_diff = source, int(first_diff)
+
+    def _start(self, layers: np.ndarray, pos: np.ndarray) -> tuple[int, int] | None:
+        """Where a forward patching nodes at ``layers``/``pos`` may resume: (layer, position),
+        or None when none of them can change anything (all before ``first_diff``)."""
+        # summed nodes (pos -1) change from the first differing position on
+        live = (pos < 0) | (pos >= self.first_diff)
+        if not live.any():
+            return None
+        start = max(self.first_diff, int(pos[live].min()) if (pos[live] >= 0).all() else 0)
+        return int(layers[live].min()), min(start, self.pair.n_pos - 1)
 
     def effects(self, rows_of: Sequence[np.ndarray], *, batch_size: int = 32) -> np.ndarray:
         """Metric change for each node set in ``rows_of`` (one forward each; none for a set
@@ -96,13 +139,9 @@ class PairPatcher:
             nodes = np.asarray(nodes, dtype=np.int64)
             if not len(nodes):
                 continue
-            layers, pos = self.nodes.layer_pos(nodes)
-            # summed nodes (pos -1) change from the first differing position on
-            live = (pos < 0) | (pos >= self.first_diff)
-            if not live.any():
-                continue
-            start = max(self.first_diff, int(pos[live].min()) if (pos[live] >= 0).all() else 0)
-            groups.setdefault((int(layers[live].min()), min(start, t - 1)), []).append(r)
+            at = self._start(*self.nodes.layer_pos(nodes))
+            if at is not None:
+                groups.setdefault(at, []).append(r)
         for layer, start, chunk in _batches(groups, batch_size, t):
             patches = self.nodes.patches([rows_of[r] for r in chunk], self.source, start=start)
             logits, _ = self.model.forward_from(
@@ -133,6 +172,96 @@ class PairPatcher:
             out[start + np.array(nonempty)] = m - self.base_metric
             self.cost += len(chunk)
         return out
+
+    def mask_effects(self, masks: np.ndarray, *, batch_size: int = 32) -> np.ndarray:
+        """Metric change for each row of ``masks`` (bool, ``rows × len(nodes)``): row ``r``
+        patches every node where ``masks[r]`` is True, as ``effects([flatnonzero(m) for m in
+        masks])`` does, but with one masked replacement per site and batch row (cheap for rows of
+        tens of thousands of nodes, e.g. everything outside a circuit). One forward per row that
+        patches a node at or after ``first_diff``; none for the others."""
+        masks = np.asarray(masks, dtype=bool)
+        if masks.ndim != 2 or masks.shape[1] != len(self.nodes):
+            raise AdagError(
+                f"masks must have shape (rows, {len(self.nodes)}), got {tuple(masks.shape)}"
+            )
+        out = np.zeros(len(masks))
+        if self.state is None:
+            rows = [r for r in range(len(masks)) if masks[r].any()]
+            for i in range(0, len(rows), batch_size):
+                chunk = rows[i : i + batch_size]
+                patches = mask_patches(self.nodes, masks[chunk], self.source)
+                toks = self.base.expand(len(chunk), -1)
+                with torch.no_grad():
+                    full, _ = self.model.run_with_cache(
+                        toks, [], patches=[*self.base_patches, *patches]
+                    )
+                    m = self.metric(full, self.pair).double().cpu().numpy()
+                out[chunk] = m - self.base_metric
+                self.cost += len(chunk)
+            return out
+        if self._layer_pos is None:
+            self._layer_pos = self.nodes.layer_pos(np.arange(len(self.nodes)))
+        layers, pos = self._layer_pos
+        masks = masks & ((pos < 0) | (pos >= self.first_diff))[None]
+        groups: dict[tuple[int, int], list[int]] = {}
+        for r, row in enumerate(masks):
+            if row.any():
+                at = self._start(layers[row], pos[row])
+                assert at is not None
+                groups.setdefault(at, []).append(r)
+        for layer, start, chunk in _batches(groups, batch_size, self.pair.n_pos):
+            patches = mask_patches(self.nodes, masks[chunk], self.source, start=start)
+            logits, _ = self.model.forward_from(
+                self.state, layer=layer, start=start, rows=len(chunk), patches=patches
+            )
+            assert logits is not None
+            with torch.no_grad():
+                m = self.metric(logits, self.pair).double().cpu().numpy()
+            out[chunk] = m - self.base_metric
+            self.cost += len(chunk)
+        return out
+
+
+def mask_patches(
+    nodes: NodeSet, masks: np.ndarray, source: dict[str, Tensor], *, start: int = 0
+) -> list[Patch]:
+    """Patches setting, in batch row ``r``, every node where ``masks[r]`` (bool, ``rows ×
+    len(nodes)``) is True to its ``source`` value: per group, one ``torch.where`` over the whole
+    site. ``start``: for a forward of positions ``start..`` only (nodes at earlier positions are
+    left out; summed nodes are patched from ``start`` on), as :meth:`Group.patch`."""
+    out = []
+    for g, grp in enumerate(nodes.groups):
+        sub = masks[:, nodes.offsets[g] : nodes.offsets[g + 1]]
+        if sub.any():
+            p = _mask_patch(grp, sub, source[grp.site], start)
+            if p is not None:
+                out.append(p)
+    return out
+
+
+def _mask_patch(grp: Group, mask: np.ndarray, source: Tensor, start: int) -> Patch | None:
+    rows = mask.shape[0]
+    m = mask.reshape(rows, *grp.shape)
+    # to the site's layout (batch, ...), broadcasting over the axes the nodes do not split
+    if grp.kind == "head":  # batch head pos d_head
+        m, pos_axis = (m[:, :, :, None] if grp.per_pos else m[:, :, None, None]), 2
+    elif grp.kind == "neuron":  # batch pos d_mlp
+        m, pos_axis = (m if grp.per_pos else m[:, None, :]), 1
+    else:  # batch pos d_model
+        m, pos_axis = m[:, :, None], 1
+    src = source
+    if start:
+        src = src.narrow(pos_axis, start, src.shape[pos_axis] - start)
+        if grp.per_pos:
+            m = m[(slice(None),) * pos_axis + (slice(start, None),)]
+    if not m.any():
+        return None
+    mt = torch.as_tensor(np.ascontiguousarray(m), device=src.device)
+
+    def put(x: Tensor, cache: object, _m: Tensor = mt, _s: Tensor = src) -> Tensor:
+        return torch.where(_m, _s.to(x.dtype), x)
+
+    return Patch(grp.site, put, op="fn")
 
 
 MERGE_ROWS = 24
