@@ -24,6 +24,11 @@ Where things live (each layer imports only from the ones above it):
 - ``patching.node_sets`` patchable node sets (heads, qkv, neurons, sublayers) and their patches
 - ``patching.patch``    exhaustive activation patching (ground truth), PatchingOracle
 - ``patching.atp``      AtP, the QK fix, GradDrop, AtP*
+- ``patching.ig``       AtP-IG (integrated gradients on the inputs) and per-layer IG
+- ``patching.dqk``      the downstream QK fix (later queries and keys, one hop)
+- ``patching.localize`` adaptive verification (``localize``, ``verify``), AtP under the
+                        linearised backward
+- ``patching.ablate``   zero / mean / resample ablation, the faithfulness curve
 - ``patching.scores``   NodeScores tables; ``oracle``, ``bound`` (false-negative bound),
                         ``baselines``, ``evaluate`` (cost-to-find-top-x curves)
 - ``graphs.config``     TraceConfig: every tracing setting; its content fields are the resume key
@@ -78,6 +83,11 @@ _EXPORTS = {
     "AdagError": "adag.errors",
     "atp": "adag.patching.atp",
     "atp_star": "adag.patching.atp",
+    "atp_ig": "adag.patching.ig",
+    "atp_dqk": "adag.patching.dqk",
+    "localize": "adag.patching.localize",
+    "ablate": "adag.patching.ablate",
+    "faithfulness": "adag.patching.ablate",
     "NodeScores": "adag.patching.scores",
     "PromptPair": "adag.tasks.pairs",
     "trace": "adag.graphs.trace",
@@ -117,10 +127,14 @@ __all__ = [
     "TraceConfig",
     "Transcoders",
     "__version__",
+    "ablate",
     "atp",
+    "atp_dqk",
+    "atp_ig",
     "atp_star",
     "cluster",
     "describe",
+    "faithfulness",
     "generate",
     "graph_scores",
     "intervene",
@@ -128,6 +142,7 @@ __all__ = [
     "linearize",
     "load_model",
     "load_transcoders",
+    "localize",
     "make_llm",
     "profile",
     "run",
@@ -149,7 +164,11 @@ if TYPE_CHECKING:
     from adag.models.load import load_model
     from adag.models.model import Model
     from adag.models.sites import Patch, SiteRun
+    from adag.patching.ablate import ablate, faithfulness
     from adag.patching.atp import atp, atp_star
+    from adag.patching.dqk import atp_dqk
+    from adag.patching.ig import atp_ig
+    from adag.patching.localize import localize
     from adag.patching.scores import NodeScores
     from adag.pipeline.config import RunConfig
     from adag.pipeline.run import run

@@ -54,7 +54,7 @@ from adag.models.sites import Patch, site_axes
 from adag.patching.baselines import rank_by_magnitude
 from adag.patching.node_sets import Group, NodeSet, node_set
 from adag.patching.patch import PairPatcher, tokenized
-from adag.patching.scores import NodeScores, merge_pairs
+from adag.patching.scores import NodeScores, align_ids, merge_pairs
 
 if TYPE_CHECKING:
     from adag.models.model import Model
@@ -353,7 +353,9 @@ def ablate(
         cost += pp.cost
         if progress:
             progress(j + 1, len(toks))
-    out = merge_pairs(f"ablate_{kind}", per_pair, cost + (values.cost if values else 0.0))
+    out = merge_pairs(
+        f"ablate_{kind}", per_pair, cost + (values.cost if values else 0.0), pairs=toks
+    )
     out.meta = _meta(kind, values, n_resamples, seed, draws)
     out.seconds = time.perf_counter() - t0
     return out
@@ -496,9 +498,10 @@ def faithfulness(
     toks = tokenized(model, pairs)
     met = make_metric(metric)
     sets = [node_set(model, nodes, tp.n_pos) for tp in toks]
+    aligned = align_ids([s.ids() for s in sets], toks)  # positions by role across lengths
     index: dict[str, int] = {}
-    for s in sets:
-        for n in s.ids():
+    for s_ids in aligned:
+        for n in s_ids:
             index.setdefault(n, len(index))
     ids = list(index)
     order = _order(ranking, ids)
@@ -515,7 +518,7 @@ def faithfulness(
     cost = 0.0
     draws = []
     for j, (tp, s) in enumerate(zip(toks, sets, strict=True)):
-        local_rank = rank[[index[n] for n in s.ids()]]
+        local_rank = rank[[index[n] for n in aligned[j]]]
         masks = local_rank[None, :] >= rows[:, None]  # ablate what is outside the top n
         pp, sources = _patcher(model, tp, s, met, values, j, base_patches)
         eff = _over_draws(pp, sources, partial(pp.mask_effects, masks, batch_size=batch_size))

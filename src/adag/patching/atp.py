@@ -274,7 +274,7 @@ def atp(
         if progress:
             progress(j + 1, len(toks))
     per_pair_cost = 2 + BACKWARD_COST * (1 + (model.n_layers if grad_drop else 0))
-    out = merge_pairs(name, per_pair, per_pair_cost * len(toks), cols)
+    out = merge_pairs(name, per_pair, per_pair_cost * len(toks), cols, pairs=toks)
     out.seconds = time.perf_counter() - t0
     return out
 

@@ -332,6 +332,6 @@ def atp_dqk(
             cols.setdefault(k, []).append(est[k])
         if progress:
             progress(j + 1, len(toks))
-    out = merge_pairs("atp_dqk", per_pair, cost, cols)
+    out = merge_pairs("atp_dqk", per_pair, cost, cols, pairs=toks)
     out.seconds = time.perf_counter() - t0
     return out

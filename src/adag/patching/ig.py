@@ -204,7 +204,7 @@ def _run(
         cost += cost_fn(ns)
         if progress:
             progress(j + 1, len(toks))
-    out = merge_pairs(name, per_pair, cost)
+    out = merge_pairs(name, per_pair, cost, pairs=toks)
     out.seconds = time.perf_counter() - t0
     return out
 

@@ -369,7 +369,7 @@ def atp_linear(
         )
         if progress:
             progress(j + 1, len(toks))
-    out = merge_pairs("atp_linear", per_pair, (2 + BACKWARD_COST) * len(toks))
+    out = merge_pairs("atp_linear", per_pair, (2 + BACKWARD_COST) * len(toks), pairs=toks)
     out.seconds = time.perf_counter() - t0
     return out
 

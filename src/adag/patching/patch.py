@@ -39,7 +39,7 @@ from torch import Tensor
 from adag.errors import AdagError
 from adag.models.sites import Patch
 from adag.patching.node_sets import Group, NodeSet, node_set
-from adag.patching.scores import NodeScores, merge_pairs
+from adag.patching.scores import NodeScores, align_ids, merge_pairs
 
 if TYPE_CHECKING:
     from adag.models.model import Model, RunState
@@ -351,8 +351,9 @@ def exhaustive(
     t0 = time.perf_counter()
     per_pair = []
     cost = 0.0
+    toks = tokenized(model, pairs)
     patchers = pair_patchers(
-        model, pairs, nodes=nodes, metric=metric, direction=direction, base_patches=base_patches
+        model, toks, nodes=nodes, metric=metric, direction=direction, base_patches=base_patches
     )
     for j, (pp, n_pairs) in enumerate(patchers):
         eff = pp.effects([np.array([i]) for i in range(len(pp.nodes))], batch_size=batch_size)
@@ -360,7 +361,7 @@ def exhaustive(
         cost += pp.cost
         if progress:
             progress(j + 1, n_pairs)
-    out = merge_pairs(f"exhaustive_{direction}", per_pair, cost)
+    out = merge_pairs(f"exhaustive_{direction}", per_pair, cost, pairs=toks)
     out.seconds = time.perf_counter() - t0
     return out
 
@@ -391,17 +392,21 @@ class PatchingOracle:
                 base_patches=base_patches,
             )
         ]
+        # pairs of different lengths: positions by role / from the end, as merge_pairs names them
+        aligned = align_ids(
+            [pp.nodes.ids() for pp in self.patchers], [pp.pair for pp in self.patchers]
+        )
         index: dict[str, int] = {}
-        for pp in self.patchers:
-            for n in pp.nodes.ids():
+        for ids in aligned:
+            for n in ids:
                 index.setdefault(n, len(index))
         self._local: list[
             np.ndarray
         ] = []  # per pair: global node index -> local index (-1: absent)
         self.ids = list(index)
-        for pp in self.patchers:
+        for pp, ids in zip(self.patchers, aligned, strict=True):
             m = np.full(len(self.ids), -1, dtype=np.int64)
-            m[[index[n] for n in pp.nodes.ids()]] = np.arange(len(pp.nodes))
+            m[[index[n] for n in ids]] = np.arange(len(pp.nodes))
             self._local.append(m)
         self.batch_size = batch_size
         self._cost = 0.0

@@ -1,17 +1,23 @@
-"""``NodeScores``: the table every localisation method returns."""
+"""``NodeScores``: the table every localisation method returns, and :func:`merge_pairs`, which
+builds it from per-pair scores (aligning pairs of different lengths by role, :func:`align_ids`)."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from adag.errors import AdagError
 from adag.io import write_parquet
+from adag.nodes import align, position_labels
 from adag.patching.baselines import rank_by_magnitude
+
+if TYPE_CHECKING:
+    from adag.tasks.pairs import TokenizedPair
 
 
 @dataclass
@@ -116,21 +122,62 @@ def _json_default(x: Any) -> Any:
     raise TypeError(f"NodeScores.meta: {type(x).__name__} is not JSON serialisable")
 
 
+def align_ids(
+    ids_per_pair: Sequence[Sequence[str]], pairs: Sequence[TokenizedPair] | None
+) -> list[Sequence[str]]:
+    """The node ids of each pair as a table over ``pairs`` names them.
+
+    Pairs all of one length (or ``pairs`` None) keep their absolute ids. Pairs of different
+    lengths name a position by what it is in its pair (the aligned ids of :mod:`adag.nodes`): a
+    position that the pair names as a role (``TokenizedPair.roles``) becomes ``@ROLE``
+    (``head:23:17:3:z`` -> ``head:23:@IO:3:z``), any other counts from the end (``-1``: the last
+    token, ``head:23:-1:3:z``); ``*`` positions stay. So ``@IO`` is the indirect object in every
+    pair that names one, whatever its absolute position. Each pair is aligned by its own roles:
+    a pair without roles has only ``-K`` positions (its last token is ``-1``, where a pair with
+    an ``END`` role says ``@END``), so give all pairs the same roles. ``ids_per_pair[j]`` are
+    pair ``j``'s ids (``j`` in ``pairs`` order), with positions below ``pairs[j].n_pos``."""
+    if pairs is None:
+        return list(ids_per_pair)
+    if len(pairs) != len(ids_per_pair):
+        raise AdagError(
+            f"align_ids got the ids of {len(ids_per_pair)} pairs but {len(pairs)} pairs; pass the "
+            "pairs the ids were computed on, in the same order"
+        )
+    if len({tp.n_pos for tp in pairs}) <= 1:
+        return list(ids_per_pair)
+    return [
+        align(ids, position_labels(tp.n_pos, tp.roles))
+        for ids, tp in zip(ids_per_pair, pairs, strict=True)
+    ]
+
+
 def merge_pairs(
     method: str,
     per_pair: list[tuple[list[str], np.ndarray]],
     cost: float,
     columns: dict[str, list[np.ndarray]] | None = None,
+    *,
+    pairs: Sequence[TokenizedPair] | None = None,
 ) -> NodeScores:
-    """Combine per-pair (ids, scores) lists into one table (nodes in first-seen order)."""
+    """Combine per-pair (ids, scores) lists into one table (nodes in first-seen order); a node
+    absent from a pair scores 0 there.
+
+    With ``pairs`` (the TokenizedPairs the scores were computed on, in the same order) of
+    different lengths, ids are first aligned by :func:`align_ids`: ``head:23:@IO:3:z`` is the
+    node at each pair's own IO position (0 in a pair that names no IO), ``head:23:-1:3:z`` the
+    node at each pair's last token where the pair gives that token no role (``@END`` where it
+    does).
+    Without ``pairs``, or when all pairs have one length, ids stay absolute (positions mix
+    roles when lengths differ)."""
+    aligned = align_ids([ids for ids, _ in per_pair], pairs)
     index: dict[str, int] = {}
-    for ids, _ in per_pair:
+    for ids in aligned:
         for n in ids:
             index.setdefault(n, len(index))
     nodes = list(index)
     mat = np.zeros((len(per_pair), len(nodes)))
     cols_acc = {k: np.zeros(len(nodes)) for k in (columns or {})}
-    for j, (ids, s) in enumerate(per_pair):
+    for j, ((_, s), ids) in enumerate(zip(per_pair, aligned, strict=True)):
         where = np.array([index[n] for n in ids])
         mat[j, where] = s
         for k, v in (columns or {}).items():

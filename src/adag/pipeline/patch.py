@@ -8,13 +8,18 @@ Resume: a method's table ``RUN_DIR/patching/<method>.parquet`` is reused when it
 not the effects (up to float rounding). ``force`` recomputes a current table. Temp files a killed
 run left in ``patching/`` are removed at the start; the directory itself is only created with
 its first file, so an interrupted run leaves no empty ``patching/``.
+
+Each table has a ``position`` column naming a node's position by its role and token
+(:func:`position_names`: ``IO ' Mary' (varies)``, ``END ' to'``), which the plot shows next to the
+id. Over pairs of different lengths the ids themselves are aligned by role
+(:func:`adag.patching.scores.merge_pairs`).
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -79,8 +84,80 @@ def run_method(
     raise AdagError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
 
 
-def plot_top_nodes(scores: NodeScores, path: Path, *, k: int = 30) -> Path:
-    """A horizontal bar chart of the ``k`` nodes with the largest ``|estimate|`` (PNG, atomic)."""
+def _token_text(model: Model, token_id: int) -> str:
+    if model.tokenizer is None:
+        return f"#{token_id}"
+    return repr(model.tokenizer.decode([token_id]))
+
+
+def position_names(
+    model: Model, node_ids: Sequence[str], pairs: Sequence[TokenizedPair]
+) -> list[str]:
+    """The position of each node id in words, for the table's ``position`` column and the plot:
+    its role, or else the position as the id writes it, then the clean prompt's token there in
+    the first pair, with ``(varies)`` when the pairs' tokens there differ: ``IO ' Mary'
+    (varies)`` (``@IO``), ``END ' to'``, ``-3 ' a'``, ``S2 ' John' (varies)`` (an absolute
+    position that is ``S2`` in every pair), ``7 ' the'`` (one without a common role). ``*``
+    positions are ``all positions``; ids without a position (logits) get ``""``."""
+    from adag.nodes import pos_field
+
+    inverse = [{p: r for r, p in (tp.roles or {}).items()} for tp in pairs]
+    cache = {"*": "all positions"}
+
+    def name(field: str) -> str:
+        where: list[int | None]  # the position in each pair (None: it has none)
+        role: str | None
+        if field.startswith("@"):
+            role = field[1:]
+            where = [None if tp.roles is None else tp.roles.get(role) for tp in pairs]
+        else:
+            k = int(field)
+            where = []
+            for tp, inv in zip(pairs, inverse, strict=True):
+                p = k + tp.n_pos if k < 0 else k
+                # -K (aligned) is not a pair's named slot: the table calls that one by its role
+                where.append(p if 0 <= p < tp.n_pos and (k >= 0 or p not in inv) else None)
+            roles = {inv.get(p) for p, inv in zip(where, inverse, strict=True) if p is not None}
+            role = roles.pop() if len(roles) == 1 else None
+        tokens = [int(tp.clean[0, p]) for p, tp in zip(where, pairs, strict=True) if p is not None]
+        head = role if role is not None else field
+        if not tokens:
+            return f"{head} (in no pair)"
+        text = f"{head} {_token_text(model, tokens[0])}"
+        return text + (" (varies)" if len(set(tokens)) > 1 else "")
+
+    out = []
+    for node_id in node_ids:
+        field = pos_field(node_id)
+        if field is None:  # a logit
+            out.append("")
+            continue
+        if field not in cache:
+            cache[field] = name(field)
+        out.append(cache[field])
+    return out
+
+
+def save_table(scores: NodeScores, path: Path, positions: Sequence[str] | None = None) -> Path:
+    """``scores`` as parquet (atomic), with a ``position`` column when ``positions`` (one per
+    node, :func:`position_names`) is given."""
+    table = scores.to_arrow()
+    if positions is not None:
+        import pyarrow as pa
+
+        table = table.append_column("position", pa.array(list(positions), pa.string()))
+    return write_parquet(table, path)
+
+
+def plot_top_nodes(
+    scores: NodeScores,
+    path: Path,
+    *,
+    k: int = 30,
+    positions: Mapping[str, str] | None = None,
+) -> Path:
+    """A horizontal bar chart of the ``k`` nodes with the largest ``|estimate|`` (PNG, atomic);
+    with ``positions`` (node id -> :func:`position_names`), each label names its position too."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -88,7 +165,7 @@ def plot_top_nodes(scores: NodeScores, path: Path, *, k: int = 30) -> Path:
     fig = Figure(figsize=(7, 0.25 * len(top) + 1.2))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    names = [n for n, _ in top][::-1]
+    names = [f"{n}  {positions[n]}" if positions and positions.get(n) else n for n, _ in top][::-1]
     vals = [v for _, v in top][::-1]
     ax.barh(names, vals, color=["tab:blue" if v >= 0 else "tab:red" for v in vals])
     ax.set_xlabel("estimate (mean over pairs)")
@@ -133,7 +210,8 @@ def evaluate(
     rundir.progress.begin("tables", 1 + len(estimators), out_dir, resumable=False)
     say("ground truth (exhaustive patching)")
     truth = exhaustive(model, toks, nodes=nodes, metric=metric, batch_size=batch_size)
-    truth.save(out_dir / "exhaustive.parquet")
+    positions = position_names(model, truth.nodes, toks)
+    save_table(truth, out_dir / "exhaustive.parquet", positions)
     rundir.progress.advance()
     effects = truth.estimate
     n_pairs = len(toks)
@@ -147,7 +225,7 @@ def evaluate(
     for name in estimators:
         say(name)
         est = run_method(model, toks, name, nodes=nodes, metric=metric).reindex(truth.nodes)
-        est.save(out_dir / f"{name}.parquet")
+        save_table(est, out_dir / f"{name}.parquet", positions)
         rundir.progress.advance()
         scores = np.abs(est.estimate)
         results.append(bl.estimator(name, scores, est.cost))
@@ -212,8 +290,15 @@ def evaluate(
 
 def pairs_hash(pairs: Sequence[TokenizedPair]) -> str:
     """A hash of what the model sees of the pairs: clean and noise token ids, answer and foil ids
-    (the same text under another tokenizer hashes differently)."""
-    rows = [[tp.clean.tolist(), tp.noise.tolist(), tp.answer_id, tp.foil_id] for tp in pairs]
+    (the same text under another tokenizer hashes differently), and the roles of the pairs that
+    name some (they decide the ids over pairs of different lengths; a pair without roles hashes
+    as before roles existed)."""
+    rows = []
+    for tp in pairs:
+        row: list[Any] = [tp.clean.tolist(), tp.noise.tolist(), tp.answer_id, tp.foil_id]
+        if tp.roles is not None:
+            row.append(dict(tp.roles))
+        rows.append(row)
     return config_hash({"pairs": rows})
 
 
@@ -235,18 +320,21 @@ def patch_key(
     }
 
 
-def _saved_top(path: Path, k: int) -> list[tuple[str, float]] | None:
-    """The top-``k`` nodes by ``|estimate|`` of a saved table, or None if it cannot be read."""
+def _saved_top(path: Path, k: int) -> tuple[list[tuple[str, float]], list[str]] | None:
+    """The top-``k`` nodes by ``|estimate|`` of a saved table and their ``position`` names, or
+    None if it cannot be read or has no ``position`` column (a table of an older version)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path, columns=["node", "estimate"])
-    except (OSError, ValueError, pa.ArrowException):
+        table = pq.read_table(path, columns=["node", "estimate", "position"])
+    except (OSError, ValueError, KeyError, pa.ArrowException):
         return None
     nodes = table.column("node").to_pylist()
     est = table.column("estimate").to_numpy()
-    return [(nodes[i], float(est[i])) for i in rank_by_magnitude(est)[:k]]
+    pos = table.column("position").to_pylist()
+    order = rank_by_magnitude(est)[:k]
+    return [(nodes[i], float(est[i])) for i in order], [pos[i] for i in order]
 
 
 def patch_command(
@@ -264,7 +352,9 @@ def patch_command(
 ) -> dict[str, Any]:
     """What ``adag patch`` does: one method's table and plot (reused when current and not
     ``force``: ``"reused": true``), or the whole evaluation (``evaluate_all``, always
-    recomputed). ``"stale_temps"``: the temp files of a killed run it deleted."""
+    recomputed). ``"stale_temps"``: the temp files of a killed run it deleted; ``"top"``: the
+    top 10 (node, estimate), ``"top_positions"``: their positions in words
+    (:func:`position_names`)."""
     started = time.time()
     if method not in METHODS:
         raise AdagError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
@@ -286,22 +376,26 @@ def patch_command(
     key = patch_key(model, toks, method=method, nodes=nodes, metric=metric)
     table, plot = out_dir / f"{method}.parquet", out_dir / f"{method}.png"
     current = not force and is_current(table, key) and plot.exists()
-    top = _saved_top(table, 10) if current else None
-    reused = top is not None
+    saved = _saved_top(table, 10) if current else None
+    reused = saved is not None
     rundir.progress.begin("tables", 1, out_dir, kept=int(reused))
-    if top is None:
+    if saved is None:
         scores = run_method(model, toks, method, nodes=nodes, metric=metric, batch_size=batch_size)
+        positions = position_names(model, scores.nodes, toks)
+        where = dict(zip(scores.nodes, positions, strict=True))
         remove(key_path(table))  # a new table must never sit beside an old key
-        scores.save(table)
-        plot_top_nodes(scores, plot)
+        save_table(scores, table, positions)
+        plot_top_nodes(scores, plot, positions=where)
         write_key(table, key)
         rundir.progress.advance()
         top = scores.top(10)
+        saved = top, [where[n] for n, _ in top]
     return {
         "table": str(table),
         "plot": str(plot),
         "reused": reused,
         "stale_temps": temps,
         "seconds": time.perf_counter() - t0,
-        "top": top,
+        "top": saved[0],
+        "top_positions": saved[1],
     }

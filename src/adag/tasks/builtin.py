@@ -14,14 +14,24 @@ when the model's top-1 next token after the clean prompt is the answer and logit
 logit(foil) there; for ``capitals`` the noise prompt's top-1 must also be the foil, so the metric
 flips sign between clean and noise. Candidates are drawn in a fixed order from ``seed``; the first
 ``n`` kept are returned, so a smaller ``n`` gives a prefix of a larger one.
+
+Every pair names its clean prompt's slots (``PromptPair.roles``, token positions in the model's
+tokenization of the clean prompt), so that pairs of different lengths can be aggregated by role
+(:func:`adag.patching.scores.merge_pairs`):
+
+- ``ioi``: ``IO`` (the indirect object's name), ``S1`` (the subject's first mention), ``S1+1``
+  (the token after it), ``S2`` (the subject's second mention), ``END`` (the last token, " to");
+- ``capitals``: ``COUNTRY`` (the country name's last token), ``END`` (the last token).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import random
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import string
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -173,6 +183,47 @@ def _n_tokens(model: Model, text: str) -> int:
     return len(model.tokenizer(text, add_special_tokens=True)["input_ids"])
 
 
+def _fill(template: str, values: Sequence[str]) -> tuple[str, list[int]]:
+    """``template.format(*values)`` and, for each of its replacement fields in order, the
+    character index just past the value put there."""
+    text, ends, auto = "", [], 0
+    for literal, name, _, _ in string.Formatter().parse(template):
+        text += literal
+        if name is None:
+            continue
+        if name == "":
+            name, auto = str(auto), auto + 1
+        text += values[int(name)]
+        ends.append(len(text))
+    return text, ends
+
+
+def _roles(model: Model, text: str, ends: Mapping[str, int]) -> dict[str, int] | None:
+    """Role -> the position, in the model's tokenization of ``text``, of the token that ends at
+    character ``ends[role]`` (the last token of the slot), plus ``END`` (the last token). None,
+    with a warning, when a prefix of ``text`` does not tokenize as the start of ``text`` (then
+    the slots have no token of their own)."""
+    full = model.tokenizer(text, add_special_tokens=True)["input_ids"]
+    out = {}
+    for role, end in ends.items():
+        pre = model.tokenizer(text[:end], add_special_tokens=True)["input_ids"]
+        if not pre or list(full[: len(pre)]) != list(pre):
+            log.warning(
+                "prompt %r: the tokenizer of %r splits it differently after %r, so its "
+                "slots are not named (roles None)",
+                text,
+                model.name,
+                text[:end],
+            )
+            return None
+        out[role] = len(pre) - 1
+    out["END"] = len(full) - 1
+    if len(set(out.values())) != len(out):
+        log.warning("prompt %r: two slots share a token, so its slots are not named", text)
+        return None
+    return out
+
+
 def _last_logits(model: Model, prompts: Sequence[str]) -> Tensor:
     """Next-token logits ``n_prompt d_vocab`` (float32, on the CPU), batching equal-length
     prompts."""
@@ -216,7 +267,14 @@ def ioi_candidates(names: Iterable[str], seed: int = 0) -> Iterator[PromptPair]:
     indirect object, subject, name order) in an order shuffled by ``seed``, with the ABC noise
     prompt drawn in candidate order (so candidate k's noise depends on ``seed`` and k only). The
     answer is the indirect object, the foil the subject, both with their leading space.
-    :func:`max_pairs` counts them."""
+    :func:`max_pairs` counts them. The pairs carry no roles (those need the tokenizer;
+    :func:`ioi` adds them)."""
+    for pair, _, _ in _ioi_candidates(names, seed):
+        yield pair
+
+
+def _ioi_candidates(names: Iterable[str], seed: int) -> Iterator[tuple[PromptPair, int, bool]]:
+    """:func:`ioi_candidates` with each pair's template index and name order (ABB: True)."""
     names = list(names)
     rng = random.Random(seed)
     space = [
@@ -232,7 +290,22 @@ def ioi_candidates(names: Iterable[str], seed: int = 0) -> Iterator[PromptPair]:
         c, d, e = rng.sample([x for x in names if x not in (io, s)], 3)
         tpl = IOI_TEMPLATES[t]
         clean = tpl.format(io, s, s) if abb else tpl.format(s, io, s)
-        yield PromptPair(clean, tpl.format(c, d, e), " " + io, " " + s)
+        yield PromptPair(clean, tpl.format(c, d, e), " " + io, " " + s), t, abb
+
+
+def ioi_roles(model: Model, template: int, io: str, s: str, abb: bool) -> dict[str, int] | None:
+    """The roles (module doc) of the clean IOI prompt of template ``IOI_TEMPLATES[template]``
+    with indirect object ``io`` and subject ``s`` in order ABB (``abb``, "When IO and S ..., S
+    ...") or BAB, as token positions of ``model``'s tokenization."""
+    values = (io, s, s) if abb else (s, io, s)
+    text, ends = _fill(IOI_TEMPLATES[template], values)
+    slots = {"IO": ends[0 if abb else 1], "S1": ends[1 if abb else 0], "S2": ends[2]}
+    roles = _roles(model, text, slots)
+    if roles is None:
+        return None
+    out = {"IO": roles["IO"], "S1": roles["S1"], "S1+1": roles["S1"] + 1}
+    out |= {"S2": roles["S2"], "END": roles["END"]}
+    return out if len(set(out.values())) == len(out) else None
 
 
 def ioi(model: Model, n: int = 20, *, seed: int = 0) -> list[PromptPair]:
@@ -242,23 +315,24 @@ def ioi(model: Model, n: int = 20, *, seed: int = 0) -> list[PromptPair]:
     through the model."""
     _check(model, n, "ioi")
     names = ioi_names(model)
-    candidates = ioi_candidates(names, seed)
+    candidates = _ioi_candidates(names, seed)
     budget = min(max_pairs("ioi", model), 20 * n + 100)
     kept: list[PromptPair] = []
     i = 0
     while len(kept) < n and i < budget:
         size = min(_BATCH, budget - i, n - len(kept) + 4)  # acceptance is high: little waste
-        cands: list[tuple[PromptPair, int, int]] = []  # (pair, answer id, foil id)
-        for pair in itertools.islice(candidates, size):
+        cands: list[tuple[PromptPair, int, int, int, bool]] = []  # (pair, answer, foil, t, abb)
+        for pair, t, abb in itertools.islice(candidates, size):
             if _n_tokens(model, pair.clean) == _n_tokens(model, pair.noise):
-                cands.append((pair, names[pair.answer[1:]], names[str(pair.foil)[1:]]))
+                cands.append((pair, names[pair.answer[1:]], names[str(pair.foil)[1:]], t, abb))
         i += size
         if not cands:
             continue
-        last = _last_logits(model, [p.clean for p, _, _ in cands])
-        for (pair, a, f), row in zip(cands, last, strict=True):
+        last = _last_logits(model, [c[0].clean for c in cands])
+        for (pair, a, f, t, abb), row in zip(cands, last, strict=True):
             if int(row.argmax()) == a and row[a] > row[f] and len(kept) < n:
-                kept.append(pair)
+                roles = ioi_roles(model, t, pair.answer[1:], str(pair.foil)[1:], abb)
+                kept.append(dataclasses.replace(pair, roles=roles))
     if not kept:
         raise _none_found("ioi", model, i)
     return kept
@@ -275,6 +349,7 @@ def capitals(model: Model, n: int = 20, *, seed: int = 0) -> list[PromptPair]:
     countries = [(c, cap) for c, cap in CAPITALS if cap in cap_id]
     prompts = [(t, c) for t in range(len(CAPITAL_TEMPLATES)) for c, _ in countries]
     texts = [CAPITAL_TEMPLATES[t].format(c) for t, c in prompts]
+    roles: dict[int, dict[str, int] | None] = {}  # prompt index -> its roles, once each
     if not prompts:
         raise _none_found("capitals", model, 0)
     last = _last_logits(model, texts)
@@ -316,11 +391,22 @@ def capitals(model: Model, n: int = 20, *, seed: int = 0) -> list[PromptPair]:
         for k in order:
             if r < len(partners[k]) and len(kept) < n:
                 j = partners[k][r]
-                c, d = prompts[k][1], prompts[j][1]
+                (t, c), d = prompts[k], prompts[j][1]
+                if k not in roles:
+                    roles[k] = capital_roles(model, t, c)
                 kept.append(
-                    PromptPair(texts[k], texts[j], " " + capital_of[c], " " + capital_of[d])
+                    PromptPair(
+                        texts[k], texts[j], " " + capital_of[c], " " + capital_of[d], roles[k]
+                    )
                 )
     return kept
+
+
+def capital_roles(model: Model, template: int, country: str) -> dict[str, int] | None:
+    """The roles (module doc) of the prompt ``CAPITAL_TEMPLATES[template]`` about ``country``, as
+    token positions of ``model``'s tokenization."""
+    text, ends = _fill(CAPITAL_TEMPLATES[template], [country])
+    return _roles(model, text, {"COUNTRY": ends[0]})
 
 
 TASKS: dict[str, Callable[..., list[PromptPair]]] = {"ioi": ioi, "capitals": capitals}

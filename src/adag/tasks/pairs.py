@@ -12,14 +12,25 @@ The file format (DESIGN.md, "Files users write") is JSONL, one object a line::
 
 ``answer`` and ``foil`` are single tokens of the model's tokenizer, with their leading space. A
 text file (``.txt``, or ``format="text"``) holds the same fields tab-separated, one pair a line.
+
+A JSONL line may name the clean prompt's slots (*roles*) by token position, counting from 0 in the
+model's tokenization of the clean prompt (a BOS token, if the tokenizer adds one, is position 0)::
+
+    {"clean": "...", "noise": "...", "answer": " Mary", "foil": " John",
+     "roles": {"IO": 2, "S1": 4, "S2": 10, "END": 14}}
+
+Role names match :data:`adag.nodes.ROLE_PATTERN`; each role is at its own position. When pairs of
+different lengths are aggregated, a node at a named slot is reported under its role
+(``head:23:@IO:3:z``) and other positions count from the end (``head:23:-1:3:z``), see
+:func:`adag.patching.scores.merge_pairs`. The built-in tasks name their slots themselves.
 """
 
 from __future__ import annotations
 
 import json
 import stat
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -28,11 +39,13 @@ from torch import Tensor
 
 from adag.errors import AdagError
 from adag.io import write_text
+from adag.nodes import ROLE_PATTERN, is_role
 
 if TYPE_CHECKING:
     from adag.models.model import Model
 
 FIELDS = ("clean", "noise", "answer", "foil")
+"""The string fields of a pair (``roles``, a JSON object, comes after them)."""
 REQUIRED = ("clean", "noise", "answer")
 
 
@@ -54,16 +67,58 @@ class PromptPair:
     """The correct next token after ``clean``: one token with its leading space, e.g. ``" Mary"``."""
     foil: str | None = None
     """The competing token, e.g. ``" John"``; required by the logit-difference metric."""
+    roles: Mapping[str, int] | None = field(default=None, hash=False)
+    """The clean prompt's named slots: role -> token position in the model's tokenization of
+    the clean prompt (e.g. ``{"IO": 2, "S1": 4, "S2": 10, "END": 14}``); checked against the
+    prompt's length when the pair is tokenized. None: no named slots."""
 
     def __post_init__(self) -> None:
-        for field in REQUIRED:
-            value = getattr(self, field)
+        for name in REQUIRED:
+            value = getattr(self, name)
             if not isinstance(value, str):
-                raise AdagError(f"PromptPair.{field} must be a string, got {type(value).__name__}")
+                raise AdagError(f"PromptPair.{name} must be a string, got {type(value).__name__}")
         if self.foil is not None and not isinstance(self.foil, str):
             raise AdagError(
                 f"PromptPair.foil must be a string or None, got {type(self.foil).__name__}"
             )
+        if self.roles is not None:
+            where = f"pair {_short(self.clean)}"
+            object.__setattr__(self, "roles", check_roles(self.roles, where))
+
+
+def check_roles(roles: object, where: str, n_pos: int | None = None) -> dict[str, int]:
+    """``roles`` as a plain dict, or a one-line :class:`AdagError` starting with ``where`` and
+    saying the fix: a mapping of role names (:data:`adag.nodes.ROLE_PATTERN`) to distinct
+    non-negative int token positions, below ``n_pos`` (the clean prompt's token length) when
+    given."""
+    fix = 'give "roles" as token positions in the clean prompt, e.g. {"IO": 2, "END": 14}'
+    if not isinstance(roles, Mapping):
+        raise AdagError(f"{where}: roles must be an object of role -> token position; {fix}")
+    out: dict[str, int] = {}
+    seen: dict[int, str] = {}
+    for name, p in roles.items():
+        if not is_role(name):
+            raise AdagError(
+                f"{where}: bad role name {name!r}; a role is a letter then letters, digits, _ "
+                f"or + ({ROLE_PATTERN}), e.g. IO, S1+1, END"
+            )
+        if isinstance(p, bool) or not isinstance(p, int) or p < 0:
+            raise AdagError(
+                f"{where}: role {name!r} is at {p!r}, not a token position; {fix} (from 0)"
+            )
+        if n_pos is not None and p >= n_pos:
+            raise AdagError(
+                f"{where}: role {name!r} is at token {p}, but the clean prompt is {n_pos} tokens "
+                f"(positions 0..{n_pos - 1}); {fix}, counting from 0 in the model's tokenization"
+            )
+        if p in seen:
+            raise AdagError(
+                f"{where}: roles {seen[p]!r} and {name!r} are both at token {p}; give each role "
+                "its own position"
+            )
+        seen[p] = name
+        out[name] = p
+    return out
 
 
 # eq=False: the fields are tensors, whose ``==`` is elementwise; identity equality is the honest one.
@@ -78,6 +133,10 @@ class TokenizedPair:
     """Noise token ids, LongTensor ``1 pos`` (same ``pos`` as ``clean``)."""
     answer_id: int
     foil_id: int | None
+    roles: Mapping[str, int] | None = None
+    """The clean prompt's named slots, role -> token position (checked against ``n_pos`` by
+    :func:`tokenize_pair`); None: none. Used to align pairs of different lengths
+    (:func:`adag.patching.scores.merge_pairs`)."""
 
     @property
     def n_pos(self) -> int:
@@ -114,9 +173,9 @@ def _same_answer_and_foil(pair: PromptPair, where: str) -> AdagError:
 
 
 def _tokenize(model: Model, pair: PromptPair, where: str) -> TokenizedPair:
-    for field in ("clean", "noise"):
-        if not getattr(pair, field):
-            raise AdagError(f"{where}: the {field} prompt is empty; give a non-empty prompt")
+    for which in ("clean", "noise"):
+        if not getattr(pair, which):
+            raise AdagError(f"{where}: the {which} prompt is empty; give a non-empty prompt")
     clean = model.to_tokens(pair.clean)
     noise = model.to_tokens(pair.noise)
     if clean.shape[1] != noise.shape[1]:
@@ -128,7 +187,8 @@ def _tokenize(model: Model, pair: PromptPair, where: str) -> TokenizedPair:
     foil_id = None if pair.foil is None else _single_token(model, pair.foil, "foil", where)
     if foil_id == answer_id:
         raise _same_answer_and_foil(pair, where)
-    return TokenizedPair(pair, clean, noise, answer_id, foil_id)
+    roles = None if pair.roles is None else check_roles(pair.roles, where, clean.shape[1])
+    return TokenizedPair(pair, clean, noise, answer_id, foil_id, roles)
 
 
 def tokenize_pair(model: Model, pair: PromptPair) -> TokenizedPair:
@@ -256,11 +316,11 @@ def _pair_from_json(obj: Any, where: str) -> PromptPair:
             f'{where}: expected a JSON object like {{"clean": ..., "noise": ..., "answer": ...}}, '
             f"got {type(obj).__name__}"
         )
-    unknown = [k for k in obj if k not in FIELDS]
+    unknown = [k for k in obj if k not in (*FIELDS, "roles")]
     if unknown:
         raise AdagError(
             f"{where}: unknown field(s) {', '.join(map(repr, unknown))}; "
-            f"allowed: {', '.join(FIELDS)}"
+            f"allowed: {', '.join(FIELDS)}, roles"
         )
     missing = [k for k in REQUIRED if k not in obj]
     if missing:
@@ -274,7 +334,10 @@ def _pair_from_json(obj: Any, where: str) -> PromptPair:
             continue
         if not isinstance(v, str):
             raise AdagError(f"{where}: field {k!r} must be a string, got {type(v).__name__}")
-    return PromptPair(obj["clean"], obj["noise"], obj["answer"], obj.get("foil"))
+    roles = obj.get("roles")
+    if roles is not None:
+        roles = check_roles(roles, where)
+    return PromptPair(obj["clean"], obj["noise"], obj["answer"], obj.get("foil"), roles)
 
 
 FORMATS = ("auto", "jsonl", "text")
@@ -375,7 +438,8 @@ _TSV = "clean<TAB>noise<TAB>answer[<TAB>foil]"
 
 def load_pairs(path: str | Path, *, format: str = "auto") -> UserFile[PromptPair]:
     """Read prompt pairs from a JSONL file, or (``format="text"``, or a ``.txt`` name) one pair a
-    line as ``clean<TAB>noise<TAB>answer[<TAB>foil]``; blank lines are skipped. ``format``:
+    line as ``clean<TAB>noise<TAB>answer[<TAB>foil]``; blank lines are skipped. A JSONL line may
+    add ``"roles"`` (module doc; the text format has none). ``format``:
     ``"auto"`` (:func:`file_format`), ``"jsonl"`` or ``"text"``; the result's ``.format`` says
     which was used. Errors name the file and line."""
     text = read_user_text(path, "prompt-pair file", "a JSONL or tab-separated text file")
@@ -391,7 +455,9 @@ def load_pairs(path: str | Path, *, format: str = "auto") -> UserFile[PromptPair
                     f"{where}: expected {_TSV} (3 or 4 tab-separated fields), got {len(fields)}; "
                     f"read as text because {why} (pass --format jsonl for JSONL)"
                 )
-            pair = PromptPair(*fields)
+            pair = PromptPair(
+                fields[0], fields[1], fields[2], fields[3] if len(fields) == 4 else None
+            )
         else:
             try:
                 obj = json.loads(line)
@@ -413,13 +479,16 @@ def load_pairs(path: str | Path, *, format: str = "auto") -> UserFile[PromptPair
 
 
 def save_pairs(pairs: Sequence[PromptPair], path: str | Path) -> None:
-    """Write ``pairs`` as JSONL atomically (a temp file in the same directory, then a rename)."""
+    """Write ``pairs`` as JSONL atomically (a temp file in the same directory, then a rename);
+    ``roles`` are written when a pair has them."""
     if not pairs:
         raise AdagError(f"no prompt pairs to save to {path}; pass at least one PromptPair")
     lines = []
     for pair in pairs:
-        obj = {"clean": pair.clean, "noise": pair.noise, "answer": pair.answer}
+        obj: dict[str, Any] = {"clean": pair.clean, "noise": pair.noise, "answer": pair.answer}
         if pair.foil is not None:
             obj["foil"] = pair.foil
+        if pair.roles is not None:
+            obj["roles"] = dict(pair.roles)
         lines.append(json.dumps(obj, ensure_ascii=False) + "\n")
     write_text(path, "".join(lines))
