@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 from typer.testing import CliRunner
 
 from adag.cli import app
@@ -76,6 +77,37 @@ def test_python_dash_m_is_the_same_cli():
     assert p.stderr.strip().splitlines() == [
         "adag: error: unknown model 'nope'; use an alias (smollm2-135m), a Hugging Face id (org/name), a local directory or a .gguf file"
     ]
+
+
+def test_patch_localize_checks_the_estimators_by_exact_patching(tmp_path):
+    """``--method localize``: AtP*, AtP-IG, the downstream QK fix and AtP under the linearised
+    backward, their rankings checked by exact patching; the table has the exact effects of the
+    checked nodes, which equal exhaustive patching's."""
+    import pyarrow.parquet as pq
+
+    from adag.patching import exhaustive
+    from adag.tasks import make_task
+    from tests.conftest import _session_smollm2
+
+    args = ["patch", "smollm2-135m", "--out", str(tmp_path), "--n-pairs", "1"]
+    r = runner.invoke(app, [*args, "--method", "localize", "--nodes", "heads"])
+    assert r.exit_code == 0, r.output
+    assert "position" in r.stdout and "END" in r.stdout
+    t = pq.read_table(tmp_path / "patching" / "localize.parquet").to_pydict()
+    for col in ("exact", "checked", "atp_star", "atp_ig", "atp_dqk", "atp_linear", "position"):
+        assert col in t
+    checked = np.array(t["checked"]) == 1.0
+    assert 20 <= checked.sum() < len(checked)
+    model = _session_smollm2()
+    truth = exhaustive(model, make_task("ioi", model, 1, seed=0), nodes="heads")
+    exact = dict(zip(truth.nodes, truth.estimate, strict=True))
+    got = np.array(t["exact"])[checked]
+    want = np.array([exact[n] for n, c in zip(t["node"], checked, strict=True) if c])
+    np.testing.assert_allclose(got, want, atol=2e-4)
+    for method in ("atp_ig", "atp_dqk"):
+        r = runner.invoke(app, [*args, "--method", method, "--nodes", "heads", "--json"])
+        assert r.exit_code == 0, r.output
+        assert json.loads(r.stdout)["top"][0][0].startswith("head:")
 
 
 def test_patch_writes_table_and_plot_then_reuses_them(tmp_path):

@@ -252,6 +252,9 @@ def test_evaluate_writes_every_artifact(tmp_path):
             "atp.parquet",
             "atp_qk.parquet",
             "atp_star.parquet",
+            "atp_ig.parquet",
+            "atp_dqk.parquet",
+            "localize.parquet",
             "curves.parquet",
             "curves.png",
             "bound.parquet",
@@ -275,11 +278,24 @@ def test_evaluate_writes_every_artifact(tmp_path):
         "atp",
         "atp_qk",
         "atp_star",
+        "atp_ig",
+        "atp_dqk",
+        "localize",
         "iterative",
         "subsampling",
         "blocks",
         "hierarchical",
     }
+    # localize: exact where checked; its curve follows its check order, from the estimators' cost
+    loc = pq.read_table(tmp_path / "localize.parquet").to_pydict()
+    assert loc["node"] == truth["node"]
+    checked = np.array(loc["checked"]) == 1.0
+    assert checked.sum() > 0
+    np.testing.assert_allclose(np.array(loc["exact"])[checked], effects[checked], atol=1e-10)
+    assert np.isnan(np.array(loc["exact"])[~checked]).all()
+    est_cost = sum(summary[e]["cost"] for e in ("atp_star", "atp_ig", "atp_dqk"))
+    first_found = curves[(curves["method"] == "localize") & (curves["x"] == 1)]["cost"].item()
+    assert first_found > est_cost
     bound = pq.read_table(tmp_path / "bound.parquet").to_pylist()
     assert [b["k"] for b in bound] == [0, 5]
     # each row is the bound with AtP*'s top K verified (its statistics are tested in test_bound.py)

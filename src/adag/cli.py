@@ -284,7 +284,12 @@ def patch(
     ] = "logit_diff",
     method: Annotated[
         str,
-        typer.Option(help="atp_star, atp, atp_qk, atp_graddrop, exhaustive, exhaustive_denoising"),
+        typer.Option(
+            help="atp_star, atp, atp_qk, atp_graddrop, atp_ig (integrated gradients on the "
+            "inputs), layer_ig, atp_dqk (downstream QK fix), atp_linear, localize (estimators "
+            "checked by adaptive exact patching), exhaustive, exhaustive_denoising, "
+            "ablate_zero, ablate_mean, ablate_resample"
+        ),
     ] = "atp_star",
     nodes: Annotated[
         str, typer.Option(help="heads, qkv, neurons, neurons_pos, sublayers, all (comma-separated)")
@@ -352,9 +357,11 @@ def patch(
         t = Table(title=f"{method}: top nodes ({len(prompt_pairs)} pairs)")
         t.add_column("rank")
         t.add_column("node")
+        t.add_column("position")
         t.add_column("estimate", justify="right")
-        for i, (node, value) in enumerate(result["top"], 1):
-            t.add_row(str(i), node, f"{value:+.4f}")
+        where = result.get("top_positions") or [""] * len(result["top"])
+        for i, ((node, value), pos) in enumerate(zip(result["top"], where, strict=True), 1):
+            t.add_row(str(i), node, pos, f"{value:+.4f}")
         console.print(t)
         verb = "reused" if result["reused"] else "wrote"
         console.print(f"{verb} {result['table']} and {result['plot']}")

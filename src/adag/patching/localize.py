@@ -457,7 +457,9 @@ def localize(
     pair) + verification + the certificate, itemised in ``meta["cost_parts"]``. ``meta`` also holds
     ``stopped`` (per estimator, why its list stopped), ``certificate`` (``bound``, ``alpha``,
     ``n_subsets``, ``cost``, ``worst_node``; None without ``certify``), ``tau``, ``k``, ``window``,
-    ``budget``, ``n_checked``, ``n_prompt_pairs``, ``direction`` and ``estimators``.
+    ``budget``, ``n_checked``, ``n_prompt_pairs``, ``direction`` and ``estimators``, and the check
+    order: ``sequence`` (node indices) with ``cum_cost`` (verification spent once each was
+    checked).
 
     ``progress(done, total)`` is called after each stage (each estimator, the verification, the
     certificate). ``results`` may hold estimators already run on the same pairs, nodes and
@@ -555,6 +557,8 @@ def localize(
         "window": window,
         "budget": budget,
         "n_checked": ver.n_checked,
+        "sequence": ver.sequence.tolist(),
+        "cum_cost": ver.cum_cost.tolist(),
         "n_prompt_pairs": len(toks),
         "direction": direction,
         "estimators": names,

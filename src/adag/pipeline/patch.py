@@ -44,7 +44,18 @@ ESTIMATORS: dict[str, dict[str, bool]] = {
     "atp_graddrop": {"grad_drop": True},
     "atp_star": {"qk_fix": True, "grad_drop": True},
 }
-METHODS = (*ESTIMATORS, "exhaustive", "exhaustive_denoising")
+OTHER_ESTIMATORS = ("atp_ig", "layer_ig", "atp_dqk", "atp_linear")
+"""Estimators with their own functions: AtP-IG, per-layer IG, the downstream QK fix, AtP under
+the linearised backward."""
+ABLATIONS = ("ablate_zero", "ablate_mean", "ablate_resample")
+METHODS = (
+    *ESTIMATORS,
+    *OTHER_ESTIMATORS,
+    "localize",
+    "exhaustive",
+    "exhaustive_denoising",
+    *ABLATIONS,
+)
 BASELINES = ("iterative", "subsampling", "blocks", "hierarchical")
 
 
@@ -69,6 +80,36 @@ def run_method(
             progress=progress,
             qk_fix=opts.get("qk_fix", False),
             grad_drop=opts.get("grad_drop", False),
+        )
+    if method in OTHER_ESTIMATORS:
+        from adag.patching.dqk import atp_dqk
+        from adag.patching.ig import atp_ig, layer_ig
+        from adag.patching.localize import atp_linear
+
+        fn: dict[str, Callable[..., NodeScores]] = {
+            "atp_ig": atp_ig,
+            "layer_ig": layer_ig,
+            "atp_dqk": atp_dqk,
+            "atp_linear": atp_linear,
+        }
+        return fn[method](model, pairs, nodes=nodes, metric=metric, progress=progress)
+    if method == "localize":
+        from adag.patching.localize import localize
+
+        return localize(
+            model, pairs, nodes, metric=metric, batch_size=batch_size, progress=progress
+        )
+    if method in ABLATIONS:
+        from adag.patching.ablate import ablate
+
+        return ablate(
+            model,
+            pairs,
+            nodes=nodes,
+            metric=metric,
+            kind=method.removeprefix("ablate_"),  # type: ignore[arg-type]
+            batch_size=batch_size,
+            progress=progress,
         )
     if method in ("exhaustive", "exhaustive_denoising"):
         direction = "denoising" if method.endswith("denoising") else "noising"
@@ -182,7 +223,7 @@ def evaluate(
     *,
     nodes: str = "heads",
     metric: Any = None,
-    estimators: Sequence[str] = ("atp", "atp_qk", "atp_star"),
+    estimators: Sequence[str] = ("atp", "atp_qk", "atp_star", "atp_ig", "atp_dqk", "localize"),
     baselines: Sequence[str] = BASELINES,
     batch_size: int = 32,
     bound_ks: Sequence[int] = (0, 10, 20, 50, 100),
@@ -192,7 +233,8 @@ def evaluate(
 ) -> dict[str, Any]:
     """Estimators and baselines against exhaustive patching: writes every table, ``curves.parquet``
     / ``curves.png`` (cost to find the true top-x nodes), ``bound.parquet`` (θ against K for the
-    first estimator) and ``evaluation.json`` (recall, ranks, costs, times)."""
+    AtP*, or else the last estimator before ``localize``) and ``evaluation.json`` (recall, ranks, costs, times).
+    ``localize`` reuses the estimators already run here; its curve follows its check order."""
     from adag.patching import baselines as bl
     from adag.patching.bound import bound_curve
     from adag.patching.evaluate import (
@@ -222,13 +264,39 @@ def evaluate(
         "nodes": nodes,
         "exhaustive": {"seconds": truth.seconds, "cost": truth.cost},
     }
+    done: dict[str, NodeScores] = {}
     for name in estimators:
         say(name)
-        est = run_method(model, toks, name, nodes=nodes, metric=metric).reindex(truth.nodes)
+        if name == "localize":
+            from adag.patching.localize import localize
+
+            loc = localize(model, toks, nodes, metric=metric, batch_size=batch_size, results=done)
+            est = loc.reindex(truth.nodes)
+            seq = [truth.nodes.index(loc.nodes[i]) for i in loc.meta["sequence"]]
+            checked = np.zeros(len(truth.nodes), dtype=bool)
+            checked[seq] = True
+            rest = est.order()[~checked[est.order()]]
+            spent = loc.cost - loc.meta["cost_parts"]["verification"]
+            cum = np.concatenate(
+                [
+                    spent + np.asarray(loc.meta["cum_cost"], dtype=np.float64),
+                    loc.cost + n_pairs * np.arange(1, rest.size + 1, dtype=np.float64),
+                ]
+            )
+            results.append(
+                bl.MethodResult(
+                    name, np.concatenate([seq, rest]).astype(np.int64), spent, None, cum
+                )
+            )
+            scores = np.abs(est.estimate)
+        else:
+            est = run_method(model, toks, name, nodes=nodes, metric=metric)
+            done[name] = est
+            est = est.reindex(truth.nodes)
+            scores = np.abs(est.estimate)
+            results.append(bl.estimator(name, scores, est.cost))
         save_table(est, out_dir / f"{name}.parquet", positions)
         rundir.progress.advance()
-        scores = np.abs(est.estimate)
-        results.append(bl.estimator(name, scores, est.cost))
         top_true = min(20, len(effects))
         ranks = rank_of_true_top(scores, effects, top_true=min(50, len(effects)))
         summary[name] = {
@@ -263,7 +331,9 @@ def evaluate(
     )
     if estimators:
         say("false-negative bound")
-        first = next(r for r in results if r.name == estimators[-1])
+        plain = [e for e in estimators if e != "localize"] or list(estimators)
+        which = "atp_star" if "atp_star" in plain else plain[-1]
+        first = next(r for r in results if r.name == which)
         ks = [k for k in bound_ks if k <= len(effects)]
         bounds = bound_curve(oracle, first.order, ks, n_subsets=bound_subsets, seed=seed)
         import pyarrow as pa
