@@ -44,6 +44,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--only-speed", action="store_true")
     ap.add_argument("--out", default="bench/results/localize.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -89,6 +90,8 @@ def main() -> None:
             "max_abs_effect": float(np.abs(full).max()),
         }
         print("speed", json.dumps(res["speed"]), flush=True)
+        if args.only_speed:
+            return
 
     # 2. estimators on the full node set --------------------------------------------------------
     nodes = "heads,neurons"
