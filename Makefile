@@ -55,6 +55,7 @@ check: lint typecheck test
 bench: $(STAMP)
 	$(PY) bench/bench_foundation.py
 	$(PY) bench/bench_patching.py --n-pairs 4
+	OMP_NUM_THREADS=1 $(PY) bench/bench_localize.py --threads 1
 	$(PY) bench/bench_trace.py --prompts 8 --naive-prompts 2
 	OMP_NUM_THREADS=2 $(PY) bench/bench_clusters.py
 	$(PY) bench/bench_pipeline.py --n 40
