@@ -115,7 +115,7 @@ def main() -> None:
         heads = [Group("head", lay, "z", True, (model.n_heads, t)) for lay in range(model.n_layers)]
         return heads + [Group("neuron", lay, None, False, (model.d_mlp,)) for lay in layers]
 
-    truth_parts = []
+    truth_parts: list[list[Any]] = []  # per pair: its exhaustive tables
     head_s = 0.0
     neuron_s = {lay: 0.0 for lay in layers}
     for p in pairs:
