@@ -57,6 +57,7 @@ def main() -> None:
     from adag.patching.localize import atp_linear, localize
     from adag.patching.node_sets import Group, node_set
     from adag.patching.patch import PairPatcher
+    from adag.patching.scores import align_ids
     from adag.tasks import make_metric, make_task, tokenize_pairs
 
     model = adag.load_model("smollm2-135m")
@@ -120,22 +121,23 @@ def main() -> None:
     neuron_s = {lay: 0.0 for lay in layers}
     for p in pairs:
         t = time.perf_counter()
-        truth_parts.append(
-            exhaustive(
-                model, [p], nodes=subset(p.n_pos)[: model.n_layers], batch_size=args.batch_size
-            )
-        )
+        heads = subset(p.n_pos)[: model.n_layers]
+        parts = [exhaustive(model, [p], nodes=heads, batch_size=args.batch_size)]
         head_s += time.perf_counter() - t
         for lay in layers:
             t = time.perf_counter()
             g = [Group("neuron", lay, None, False, (model.d_mlp,))]
-            truth_parts.append(exhaustive(model, [p], nodes=g, batch_size=args.batch_size))
+            parts.append(exhaustive(model, [p], nodes=g, batch_size=args.batch_size))
             neuron_s[lay] += time.perf_counter() - t
+        truth_parts.append(parts)
         print(f"truth pair done: heads {head_s:.0f} s, neurons {neuron_s}", flush=True)
-    # mean over pairs per node
+    # mean over pairs per node, the ids aligned across pairs as the estimators' are (by role
+    # when the pairs differ in length)
+    per_pair_ids = [[n for part in parts for n in part.nodes] for parts in truth_parts]
+    per_pair_vals = [np.concatenate([part.per_pair[0] for part in parts]) for parts in truth_parts]
     acc: dict[str, float] = {}
-    for part in truth_parts:
-        for n, v in zip(part.nodes, part.per_pair[0], strict=True):
+    for ids, vals in zip(align_ids(per_pair_ids, pairs), per_pair_vals, strict=True):
+        for n, v in zip(ids, vals, strict=True):
             acc[n] = acc.get(n, 0.0) + v / len(pairs)
     truth_nodes = list(acc)
     truth_vals = np.array([acc[n] for n in truth_nodes])
