@@ -205,11 +205,19 @@ def test_fields_follow_circuit_tracer() -> None:
     }
     assert nodes["logit:22"]["is_target_logit"] is True
     assert nodes["logit:22"]["token_prob"] == 0.25
-    assert data["links"][0] == {"source": "E_11_0", "target": "0_5_1", "weight": 0.5, "flow": 0.125}
+    # weight: the raw direct effect (edge_weight x the target's activation 2.0), as circuit-tracer
+    assert data["links"][0] == {
+        "source": "E_11_0",
+        "target": "0_5_1",
+        "weight": 1.0,
+        "adag_weight": 0.5,
+        "flow": 0.125,
+    }
     assert data["links"][-1] == {
         "source": "1_3_1",
         "target": "3_22_1",
-        "weight": -1.0,
+        "weight": -3.25,
+        "adag_weight": -1.0,
         "flow": -0.75,
     }
 
@@ -249,6 +257,62 @@ def test_influence_is_circuit_tracers_cumulative_score() -> None:
     assert data["nodes"][-4]["influence"] == cumulative_influence(raw)[-4]
     with pytest.raises(AdagError, match="influence"):
         to_circuit_tracer(g, slug="x", influence=raw[:-1])
+
+
+def test_export_meanings_are_circuit_tracers_on_a_hand_computed_graph() -> None:
+    """Issue 14 item 4. The golden graph (hand-checkable dyadic values), pruned so that
+    ``neuron:0:1:7`` and its edges go: influence is the unpruned graph's cumulative score (what
+    circuit-tracer computes before pruning), not the pruned graph's; a link's weight is the raw
+    direct effect, so an edge into the negative-activation ``neuron:0:1:7`` (activation −0.5,
+    normalised weight +2.0) is exported as −1.0."""
+    g = golden_graph()
+    full = to_circuit_tracer(g, slug="x")
+    raw = {(x["source"], x["target"]): x["weight"] for x in full["links"]}
+    assert raw[("E_12_1", "0_7_1")] == -1.0  # 2.0 x -0.5: the sign the frontend colours
+    assert raw[("E_12_1", "0_5_1")] == -3.0  # -1.5 x 2.0
+    assert raw[("0_7_1", "1_3_1")] == -0.9375  # -0.75 x 1.25
+    # hand-computed influence of the full graph (test_fields_follow_circuit_tracer): raw
+    # 0.90234375 (embed:1), 0.625 (neuron:1:1:3), 0.609375 (neuron:0:1:7), 0.390625
+    # (neuron:0:1:5), 0.09765625 (embed:0); total 2.625; cumulative fraction in that order
+    cum = {n["adag_id"]: n["influence"] for n in full["nodes"]}
+    assert cum["neuron:0:1:7"] == 2.13671875 / 2.625
+    assert cum["neuron:0:1:5"] == 2.52734375 / 2.625
+    keep = [i for i in g.node_ids if i != "neuron:0:1:7"]
+    rows = [g.index_of(i) for i in keep]
+    edges = [
+        e
+        for e in range(g.n_edges)
+        if g.node_ids[g.edge_source[e]] in keep and g.node_ids[g.edge_target[e]] in keep
+    ]
+    pruned = Graph(
+        **{
+            **{k: getattr(g, k) for k in g.__dataclass_fields__},
+            "node_ids": keep,
+            "node_kinds": [g.node_kinds[r] for r in rows],
+            "node_layer": g.node_layer[rows],
+            "node_position": g.node_position[rows],
+            "node_index": g.node_index[rows],
+            "node_activation": g.node_activation[rows],
+            "node_attribution": g.node_attribution[rows],
+            "node_tokens": [g.node_tokens[r] for r in rows],
+            "edge_source": np.array([keep.index(g.node_ids[g.edge_source[e]]) for e in edges]),
+            "edge_target": np.array([keep.index(g.node_ids[g.edge_target[e]]) for e in edges]),
+            "edge_weight": g.edge_weight[edges],
+            "edge_flow": g.edge_flow[edges],
+            "input_attr": g.input_attr[rows],
+            "output_attr": g.output_attr[rows],
+        }
+    )
+    data = to_circuit_tracer(pruned, slug="x", full_graph=g)
+    got = {n["adag_id"]: n["influence"] for n in data["nodes"]}
+    assert got == {i: cum[i] for i in keep}
+    alone = {n["adag_id"]: n["influence"] for n in to_circuit_tracer(pruned, slug="x")["nodes"]}
+    # recomputed on the pruned graph, the same nodes look far less influential (larger fraction)
+    assert alone["neuron:1:1:3"] > cum["neuron:1:1:3"]
+    with pytest.raises(AdagError, match="not both"):
+        to_circuit_tracer(pruned, slug="x", full_graph=g, influence=np.zeros(pruned.n_nodes))
+    with pytest.raises(AdagError, match="not in full_graph"):
+        to_circuit_tracer(g, slug="x", full_graph=pruned)
 
 
 def test_supernodes_pinned_ids_labels_and_scan() -> None:
@@ -316,7 +380,11 @@ def test_adag_extras_hold_the_graph_values(dtype: Any) -> None:
         assert all("adag_position" not in n for n in nodes)
         links = data["links"]
         assert np.array_equal(np.array([x["flow"] for x in links], dtype=dtype), g.edge_flow)
-        assert np.array_equal(np.array([x["weight"] for x in links], dtype=dtype), g.edge_weight)
+        assert np.array_equal(
+            np.array([x["adag_weight"] for x in links], dtype=dtype), g.edge_weight
+        )
+        raw = g.adjacency("raw")[g.edge_target, g.edge_source].A1  # Graph's own raw entries
+        assert np.array_equal(np.array([x["weight"] for x in links]), raw)
         row = {nid: i for i, nid in enumerate(viewer_node_ids(g))}
         assert [row[x["source"]] for x in links] == g.edge_source.tolist()
         assert [row[x["target"]] for x in links] == g.edge_target.tolist()

@@ -271,8 +271,20 @@ def assert_coherent(run: Path, slugs: list[str]) -> None:
     assert [e["slug"] for e in index["graphs"]] == slugs
     table = pq.read_table(run / "profiles.parquet")
     assert sorted(set(table.column("prompt_id").to_pylist())) == slugs
+    from adag.graphs.prune import cumulative_influence, node_influence
+
     for s in slugs:
-        Graph.load(run / "graphs" / s)
+        g = Graph.load(run / "graphs" / s)
+        # the viewer file is the pruned graph with circuit-tracer's meanings: influence over the
+        # unpruned graph, links' weight the raw direct effect
+        view = json.loads((run / "viewer" / f"{s}.json").read_text(encoding="utf-8"))
+        cum = cumulative_influence(node_influence(g))
+        for n in view["nodes"]:
+            if n["adag_kind"] != "logit":
+                assert n["influence"] == cum[g.index_of(n["adag_id"])]
+        act = {n["node_id"]: n["adag_activation"] for n in view["nodes"]}
+        for link in view["links"]:
+            assert link["weight"] == link["adag_weight"] * act[link["target"]]
 
 
 def test_rerun_replaces_what_other_prompts_and_settings_decide(tmp_path, monkeypatch):

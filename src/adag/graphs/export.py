@@ -21,7 +21,10 @@ Followed from the ``circuit-tracer`` library (``circuit_tracer/frontend/graph_mo
   ``Output "tok" (p=0.123)`` and ``influence``/``activation`` null; embedding and error nodes
   get ``activation`` null. ``influence`` is the node's cumulative influence fraction
   (``prune_graph``'s ``cumulative_scores``, see :func:`adag.graphs.prune.cumulative_influence`).
-- Links are ``{"source": node_id, "target": node_id, "weight": w}`` with the source upstream.
+- Links are ``{"source": node_id, "target": node_id, "weight": w}`` with the source upstream;
+  ``w`` is the raw direct effect of the source on the target, circuit-tracer's adjacency entry
+  (:meth:`~adag.graphs.graph.Graph.adjacency` ``"raw"``: ``edge_weight · node_activation[t]``),
+  so its sign and colour mean what the frontend shows them as.
 - The index ``graph-metadata.json`` is ``{"graphs": [metadata, ...]}`` holding each graph's
   ``metadata`` (``add_graph_metadata``). :func:`write_index` builds it in one step from the graph
   files of a directory, after all of them are written; :func:`write_viewer` writes only the graph
@@ -35,8 +38,9 @@ Deviations, each deliberate:
   ``hash``, which changes between processes).
 - Graph files are written compactly (``separators=(",", ":")``), not indented; both parse alike.
 - The order of nodes and links is the graph's row and edge order.
-- ``influence`` is the cumulative fraction over the nodes of the graph given; circuit-tracer
-  computes it on the unpruned graph before pruning. Pass ``influence=`` to choose the scores.
+- ``influence`` is the cumulative fraction over the unpruned graph when ``full_graph=`` is given
+  (what the pipeline writes, as circuit-tracer computes it before pruning), else over the nodes
+  of the graph given; ``influence=`` chooses the scores.
 - Error nodes use the current library's jsNodeId ``L_-1-P`` (older releases wrote ``L_P-0``,
   which could alias a feature node's jsNodeId).
 
@@ -49,7 +53,8 @@ integer layer and index: ``-1`` / the token id for embeddings, ``n_layers`` / th
 logits, which circuit-tracer's fields hold only as strings or not at all), ``adag_activation``
 (the graph's activation, also for embeddings, errors and logits, whose ``activation`` is null),
 ``attribution``, ``token``, ``input_attr`` (T floats) and ``output_attr`` (K floats); every link
-gets ``flow``.
+gets ``adag_weight`` (the graph's ``edge_weight``: the direct effect over the target's
+activation) and ``flow``.
 """
 
 from __future__ import annotations
@@ -176,24 +181,43 @@ def to_circuit_tracer(
     supernodes: Sequence[Sequence[str]] = (),
     pinned_ids: Sequence[str] = (),
     labels: Mapping[str, str] | None = None,
+    full_graph: Graph | None = None,
 ) -> dict[str, Any]:
     """The graph as a circuit-tracer / Neuronpedia graph dict (layout in the module docstring).
 
     ``scan`` defaults to ``graph.settings["model"]`` (or ``"adag"``); a list of transcoder names
     becomes a ``custom-`` scan with that ``transcoder_list``. ``influence`` (N,) is each node's
     raw influence (default :func:`adag.graphs.prune.node_influence`); the file stores its
-    cumulative fraction, as circuit-tracer does. ``supernodes`` are ``[name, adag id, ...]``
+    cumulative fraction, as circuit-tracer does. ``full_graph``: ``graph`` is a pruned copy of
+    it, and the influence is computed on it, before pruning, as circuit-tracer computes it
+    (recomputed on the pruned graph, the same nodes would look far less influential and a
+    viewer's pruning slider would hide most of them). ``supernodes`` are ``[name, adag id, ...]``
     lists and ``pinned_ids`` adag ids, both written with the exported node ids; ``labels``
     maps adag ids to ``clerp`` strings (ids not in the graph are ignored). Raises
     :class:`AdagError` for NaN / inf anywhere, unknown ids or a bad slug."""
     check_slug(slug)
     n = graph.n_nodes
     _check_finite(graph)
-    infl = np.asarray(node_influence(graph) if influence is None else influence, dtype=np.float64)
-    if infl.shape != (n,):
-        raise AdagError(f"influence has shape {infl.shape}, expected ({n},)")
-    if not np.all(np.isfinite(infl)):
-        raise AdagError("influence holds NaN or inf, which JSON cannot store")
+    if full_graph is not None:
+        if influence is not None:
+            raise AdagError("give influence= or full_graph=, not both")
+        full_cum = cumulative_influence(node_influence(full_graph))
+        known = set(full_graph.node_ids)
+        missing = [i for i in graph.node_ids if i not in known]
+        if missing:
+            raise AdagError(
+                f"node {missing[0]!r} is not in full_graph; pass the graph this one was pruned from"
+            )
+        cumulative = full_cum[[full_graph.index_of(i) for i in graph.node_ids]].tolist()
+    else:
+        infl = np.asarray(
+            node_influence(graph) if influence is None else influence, dtype=np.float64
+        )
+        if infl.shape != (n,):
+            raise AdagError(f"influence has shape {infl.shape}, expected ({n},)")
+        if not np.all(np.isfinite(infl)):
+            raise AdagError("influence holds NaN or inf, which JSON cannot store")
+        cumulative = cumulative_influence(infl).tolist()
     scan_name, transcoders = _scan_fields(
         scan if scan is not None else str(graph.settings.get("model", "adag"))
     )
@@ -206,7 +230,6 @@ def to_circuit_tracer(
     for j, tid in enumerate(graph.target_ids.tolist()):
         target_of.setdefault(int(tid), j)
 
-    cumulative = cumulative_influence(infl).tolist()
     layer = graph.node_layer.tolist()
     pos = graph.node_position.tolist()
     index = graph.node_index.tolist()
@@ -257,11 +280,19 @@ def to_circuit_tracer(
             }
         )
 
+    # circuit-tracer's link weight is the raw direct effect (its adjacency entry); adag's
+    # weight normalised by the target's activation is kept as ``adag_weight``
+    # (in float64, as Graph.adjacency("raw"): exact for float32 graphs)
+    raw = (
+        graph.edge_weight.astype(np.float64)
+        * graph.node_activation.astype(np.float64)[graph.edge_target]
+    )
     links = [
-        {"source": ids[s], "target": ids[t], "weight": w, "flow": f}
-        for s, t, w, f in zip(
+        {"source": ids[s], "target": ids[t], "weight": r, "adag_weight": w, "flow": f}
+        for s, t, r, w, f in zip(
             graph.edge_source.tolist(),
             graph.edge_target.tolist(),
+            raw.tolist(),
             graph.edge_weight.tolist(),
             graph.edge_flow.tolist(),
             strict=True,
@@ -318,6 +349,7 @@ def write_viewer(
     supernodes: Sequence[Sequence[str]] = (),
     pinned_ids: Sequence[str] = (),
     labels: Mapping[str, str] | None = None,
+    full_graph: Graph | None = None,
 ) -> Path:
     """Write ``directory/<slug>.json``, the compact JSON of :func:`to_circuit_tracer`, atomically
     (nothing is written if the export fails), and return its path. The index is not touched: call
@@ -330,6 +362,7 @@ def write_viewer(
         supernodes=supernodes,
         pinned_ids=pinned_ids,
         labels=labels,
+        full_graph=full_graph,
     )
     text = json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     return write_text(Path(directory) / f"{slug}.json", text)

@@ -142,7 +142,7 @@ def _write_viewer(
     changed = not (viewer / INDEX_FILE).exists()
     for slug, g in zip(slugs, graphs, strict=True):
         pruned = prune(g, node_threshold=node_threshold, edge_threshold=edge_threshold)
-        data = to_circuit_tracer(pruned, slug=slug, supernodes=c.supernodes(pruned))
+        data = to_circuit_tracer(pruned, slug=slug, supernodes=c.supernodes(pruned), full_graph=g)
         text = json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
         path = viewer / f"{slug}.json"
         if not path.exists() or path.read_text(encoding="utf-8") != text:

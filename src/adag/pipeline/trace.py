@@ -198,7 +198,7 @@ def trace_stage(
         pruned = prune(
             g, node_threshold=viewer_node_threshold, edge_threshold=viewer_edge_threshold
         )
-        write_viewer(pruned, viewer_dir, slug=slug)
+        write_viewer(pruned, viewer_dir, slug=slug, full_graph=g)
         graphs.append(g)
         if progress is not None:
             progress(1)
