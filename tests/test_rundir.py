@@ -391,8 +391,15 @@ def test_killed_and_interrupted_runs_resume_to_the_uninterrupted_result(tmp_path
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
 
     def start() -> subprocess.Popen:
+        # Ctrl-C's default action in the child, however this test was started: a shell starts a
+        # background job with SIGINT ignored, and Python keeps an inherited SIG_IGN
         return subprocess.Popen(
-            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env
+            cmd,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
 
     # 1. SIGKILL as soon as the first graph is committed (its JSON, written last, exists)
