@@ -18,25 +18,10 @@ from adag.patching.atp import atp, atp_star
 from adag.patching.baselines import blocks, rank_by_magnitude
 from adag.patching.localize import ESTIMATORS, atp_linear, localize, verify
 from adag.patching.oracle import AdditiveOracle, CancellationOracle, sparse_effects
-from adag.tasks.pairs import PromptPair, TokenizedPair
+from adag.tasks.pairs import TokenizedPair
 
-from .conftest import VOCAB, tiny_model
-
-A_TOK, B_TOK = 3, 11
-
-
-def logit_diff(logits: torch.Tensor, pair: TokenizedPair) -> torch.Tensor:
-    return logits[:, -1, A_TOK] - logits[:, -1, B_TOK]
-
-
-def random_pairs(n: int, t: int = 7, seed: int = 0) -> list[TokenizedPair]:
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        c = torch.randint(0, VOCAB, (1, t), generator=gen)
-        z = torch.randint(0, VOCAB, (1, t), generator=gen)
-        out.append(TokenizedPair(PromptPair("c", "n", "a", "b"), c, z, A_TOK, B_TOK))
-    return out
+from .conftest import tiny_model
+from .test_patching import logit_diff, random_pairs
 
 
 def top(effects: np.ndarray, k: int) -> set[int]:

@@ -53,7 +53,7 @@ from adag.io import write_parquet
 from adag.models.sites import Patch, site_axes
 from adag.patching.baselines import rank_by_magnitude
 from adag.patching.node_sets import Group, NodeSet, node_set
-from adag.patching.patch import PairPatcher, tokenized
+from adag.patching.patch import PairPatcher, first_difference, tokenized
 from adag.patching.scores import NodeScores, align_ids, merge_pairs
 
 if TYPE_CHECKING:
@@ -161,8 +161,7 @@ class AblationValues:
             toks = self.prompts[i]
             _, values = self.model.run_with_cache(toks, self.sites, patches=self.base_patches)
             self.cost += 1
-            differ = (toks.to(base.device) != base)[0].nonzero()
-            out.append(AblationSource(values, int(differ[0]), i))
+            out.append(AblationSource(values, first_difference(toks, base), i))
         return out
 
     def _zeros(self, site: str, t: int) -> Tensor:

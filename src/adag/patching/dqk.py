@@ -62,7 +62,7 @@ from adag.models.sites import Patch
 from adag.patching.atp import _pair_estimates
 from adag.patching.node_sets import Group, NodeSet, node_set
 from adag.patching.oracle import BACKWARD_COST
-from adag.patching.patch import tokenized
+from adag.patching.patch import first_difference, tokenized
 from adag.patching.scores import NodeScores, merge_pairs
 
 if TYPE_CHECKING:
@@ -259,8 +259,7 @@ def _pair_dqk(
         _, noise = model.run_with_cache(tp.noise, sites, patches=base_patches)
     lw = _Layerwise(model, tp, metric, base_patches, state)
     cost += 3 + BACKWARD_COST  # capture, noise run, the gradient run (forward and backward)
-    differ = (tp.clean != tp.noise)[0].nonzero()
-    first = int(differ[0]) if len(differ) else tp.n_pos
+    first = first_difference(tp.clean, tp.noise)
     clean = state.cache
     # every fixed node's residual write, by position: [(group index, local indices, writes)]
     writes: dict[int, list[tuple[int, np.ndarray, Tensor]]] = {}

@@ -86,8 +86,7 @@ class PairPatcher:
                 )
                 source_metric = float(metric(source_logits, pair)[0])
                 if first_diff is None:
-                    differ = (pair.clean != pair.noise)[0].nonzero()
-                    first_diff = int(differ[0]) if len(differ) else pair.n_pos
+                    first_diff = first_difference(pair.clean, pair.noise)
                 self.cost = 2.0
             else:
                 missing = [s for s in nodes.sites if s not in source]
@@ -130,46 +129,75 @@ class PairPatcher:
     def effects(self, rows_of: Sequence[np.ndarray], *, batch_size: int = 32) -> np.ndarray:
         """Metric change for each node set in ``rows_of`` (one forward each; none for a set
         whose nodes all lie before the first differing position)."""
+        rows_of = [np.asarray(r, dtype=np.int64) for r in rows_of]
+
+        def patches(chunk: list[int], start: int) -> list[Patch]:
+            return self.nodes.patches([rows_of[r] for r in chunk], self.source, start=start)
+
         if self.state is None:
-            return self._full_effects(rows_of, batch_size=batch_size)
-        out = np.zeros(len(rows_of))
-        t = self.pair.n_pos
+            return self._full(
+                [r for r, n in enumerate(rows_of) if len(n)], patches, batch_size, len(rows_of)
+            )
         groups: dict[tuple[int, int], list[int]] = {}
         for r, nodes in enumerate(rows_of):
-            nodes = np.asarray(nodes, dtype=np.int64)
-            if not len(nodes):
-                continue
-            at = self._start(*self.nodes.layer_pos(nodes))
+            at = self._start(*self.nodes.layer_pos(nodes)) if len(nodes) else None
             if at is not None:
                 groups.setdefault(at, []).append(r)
-        for layer, start, chunk in _batches(groups, batch_size, t):
-            patches = self.nodes.patches([rows_of[r] for r in chunk], self.source, start=start)
-            logits, _ = self.model.forward_from(
-                self.state, layer=layer, start=start, rows=len(chunk), patches=patches
-            )
-            assert logits is not None
-            with torch.no_grad():
-                m = self.metric(logits, self.pair).double().cpu().numpy()
-            out[chunk] = m - self.base_metric
-            self.cost += len(chunk)
-        return out
+        return self._resumed(groups, patches, batch_size, len(rows_of))
 
     def _full_effects(self, rows_of: Sequence[np.ndarray], *, batch_size: int) -> np.ndarray:
-        out = np.zeros(len(rows_of))
-        for start in range(0, len(rows_of), batch_size):
-            chunk = rows_of[start : start + batch_size]
-            nonempty = [i for i, r in enumerate(chunk) if len(r)]
-            if not nonempty:
-                continue
-            chunk = [chunk[i] for i in nonempty]
-            patches = self.nodes.patches(chunk, self.source)
+        """:meth:`effects` by full forwards (what the resumed ones must equal)."""
+        rows_of = [np.asarray(r, dtype=np.int64) for r in rows_of]
+
+        def patches(chunk: list[int], start: int) -> list[Patch]:
+            return self.nodes.patches([rows_of[r] for r in chunk], self.source)
+
+        rows = [r for r, n in enumerate(rows_of) if len(n)]
+        return self._full(rows, patches, batch_size, len(rows_of))
+
+    def _change(self, logits: Tensor) -> np.ndarray:
+        with torch.no_grad():
+            m = self.metric(logits, self.pair).double().cpu().numpy()
+        return m - self.base_metric
+
+    def _full(
+        self,
+        rows: list[int],
+        patches: Callable[[list[int], int], list[Patch]],
+        batch_size: int,
+        n_rows: int,
+    ) -> np.ndarray:
+        """Metric changes of ``rows`` (the others 0), each by one full patched forward of the base
+        prompt (with the base patches), ``batch_size`` rows a forward."""
+        out = np.zeros(n_rows)
+        for i in range(0, len(rows), batch_size):
+            chunk = rows[i : i + batch_size]
             toks = self.base.expand(len(chunk), -1)
             with torch.no_grad():
                 logits, _ = self.model.run_with_cache(
-                    toks, [], patches=[*self.base_patches, *patches]
+                    toks, [], patches=[*self.base_patches, *patches(chunk, 0)]
                 )
-                m = self.metric(logits, self.pair).double().cpu().numpy()
-            out[start + np.array(nonempty)] = m - self.base_metric
+            out[chunk] = self._change(logits)
+            self.cost += len(chunk)
+        return out
+
+    def _resumed(
+        self,
+        groups: dict[tuple[int, int], list[int]],
+        patches: Callable[[list[int], int], list[Patch]],
+        batch_size: int,
+        n_rows: int,
+    ) -> np.ndarray:
+        """Metric changes of the rows in ``groups`` (by where they may resume: (layer, position);
+        the others 0), by resumed forwards (:func:`_batches`)."""
+        out = np.zeros(n_rows)
+        assert self.state is not None
+        for layer, start, chunk in _batches(groups, batch_size, self.pair.n_pos):
+            logits, _ = self.model.forward_from(
+                self.state, layer=layer, start=start, rows=len(chunk), patches=patches(chunk, start)
+            )
+            assert logits is not None
+            out[chunk] = self._change(logits)
             self.cost += len(chunk)
         return out
 
@@ -184,21 +212,13 @@ class PairPatcher:
             raise AdagError(
                 f"masks must have shape (rows, {len(self.nodes)}), got {tuple(masks.shape)}"
             )
-        out = np.zeros(len(masks))
+        n = len(masks)
+
+        def patches(chunk: list[int], start: int) -> list[Patch]:
+            return mask_patches(self.nodes, masks[chunk], self.source, start=start)
+
         if self.state is None:
-            rows = [r for r in range(len(masks)) if masks[r].any()]
-            for i in range(0, len(rows), batch_size):
-                chunk = rows[i : i + batch_size]
-                patches = mask_patches(self.nodes, masks[chunk], self.source)
-                toks = self.base.expand(len(chunk), -1)
-                with torch.no_grad():
-                    full, _ = self.model.run_with_cache(
-                        toks, [], patches=[*self.base_patches, *patches]
-                    )
-                    m = self.metric(full, self.pair).double().cpu().numpy()
-                out[chunk] = m - self.base_metric
-                self.cost += len(chunk)
-            return out
+            return self._full([r for r in range(n) if masks[r].any()], patches, batch_size, n)
         if self._layer_pos is None:
             self._layer_pos = self.nodes.layer_pos(np.arange(len(self.nodes)))
         layers, pos = self._layer_pos
@@ -209,17 +229,14 @@ class PairPatcher:
                 at = self._start(layers[row], pos[row])
                 assert at is not None
                 groups.setdefault(at, []).append(r)
-        for layer, start, chunk in _batches(groups, batch_size, self.pair.n_pos):
-            patches = mask_patches(self.nodes, masks[chunk], self.source, start=start)
-            logits, _ = self.model.forward_from(
-                self.state, layer=layer, start=start, rows=len(chunk), patches=patches
-            )
-            assert logits is not None
-            with torch.no_grad():
-                m = self.metric(logits, self.pair).double().cpu().numpy()
-            out[chunk] = m - self.base_metric
-            self.cost += len(chunk)
-        return out
+        return self._resumed(groups, patches, batch_size, n)
+
+
+def first_difference(a: Tensor, b: Tensor) -> int:
+    """The first position where two ``1 pos`` token rows differ (``pos`` if none): every
+    activation before it is the same in both runs."""
+    differ = (a.to(b.device) != b)[0].nonzero()
+    return int(differ[0]) if len(differ) else int(a.shape[1])
 
 
 def mask_patches(
