@@ -52,11 +52,12 @@ typecheck: $(STAMP)
 
 check: lint typecheck test
 
-bench: $(STAMP)
+bench: $(STAMP) browser
 	$(PY) bench/bench_foundation.py
 	$(PY) bench/bench_patching.py --n-pairs 4
 	OMP_NUM_THREADS=1 $(PY) bench/bench_localize.py --threads 1
 	$(PY) bench/bench_trace.py --prompts 8 --naive-prompts 2
+	$(PY) bench/bench_viewer.py
 	OMP_NUM_THREADS=2 $(PY) bench/bench_clusters.py
 	$(PY) bench/bench_pipeline.py --n 40
 	$(PY) bench/bench_demo.py

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -49,22 +51,21 @@ def is_local(url: str) -> bool:
     return (parts.hostname or "") in LOOPBACK or (parts.hostname or "").startswith("127.")
 
 
-def screenshot(
+@contextmanager
+def open_page(
     url_or_path: str | os.PathLike[str],
-    png_path: str | os.PathLike[str],
     *,
     width: int = 1280,
     height: int = 900,
-    full_page: bool = True,
     timeout_ms: float = 30_000,
-) -> dict[str, Any]:
-    """Open ``url_or_path`` (a URL, or a file path opened as ``file://``) in headless Chromium,
-    wait for the ``load`` event and write a PNG screenshot to ``png_path``.
-
-    Returns ``{"url", "title", "console_errors", "page_errors", "failed_requests", "blocked",
-    "requests"}``: console messages of type error, uncaught exceptions, requests that failed
-    (``"url: reason"``), requests aborted for leaving the machine, and every request's URL
-    except ``data:`` ones, in order."""
+) -> Iterator[tuple[Any, dict[str, Any]]]:
+    """Open ``url_or_path`` (a URL, or a file path opened as ``file://``) in headless Chromium
+    in a fresh profile, wait for the ``load`` event and yield ``(page, log)``: the playwright
+    page and a dict that keeps filling while the page is used, ``{"url", "title",
+    "console_errors", "page_errors", "failed_requests", "blocked", "requests"}``: console
+    messages of type error, uncaught exceptions, requests that failed (``"url: reason"``),
+    requests aborted for leaving the machine, and every request's URL except ``data:`` ones,
+    in order."""
     from playwright.sync_api import Route, sync_playwright
 
     text = os.fspath(url_or_path)
@@ -100,6 +101,7 @@ def screenshot(
             offline=False,
         )
         try:
+            context.set_default_timeout(timeout_ms)
             context.route("**/*", route)
             page = context.new_page()
             page.on(
@@ -117,9 +119,24 @@ def screenshot(
             )
             page.goto(url, wait_until="load", timeout=timeout_ms)
             out["title"] = page.title()
-            page.screenshot(path=os.fspath(png_path), full_page=full_page, timeout=timeout_ms)
+            yield page, out
         finally:
             context.close()
+
+
+def screenshot(
+    url_or_path: str | os.PathLike[str],
+    png_path: str | os.PathLike[str],
+    *,
+    width: int = 1280,
+    height: int = 900,
+    full_page: bool = True,
+    timeout_ms: float = 30_000,
+) -> dict[str, Any]:
+    """Open ``url_or_path`` with :func:`open_page`, write a PNG screenshot to ``png_path`` and
+    return the page's log (see :func:`open_page`)."""
+    with open_page(url_or_path, width=width, height=height, timeout_ms=timeout_ms) as (page, out):
+        page.screenshot(path=os.fspath(png_path), full_page=full_page, timeout=timeout_ms)
     return out
 
 
@@ -133,3 +150,93 @@ def is_blank(png_path: str | os.PathLike[str], *, tol: float = 0.01) -> bool:
     if img.ndim == 3:
         img = img[..., :3].mean(axis=-1)
     return bool(img.size == 0 or img.std() < tol)
+
+
+def synthetic_graph(n_nodes: int = 1000, n_edges: int = 20_000, seed: int = 0) -> dict[str, Any]:
+    """A synthetic viewer graph of the issue's size: 10 positions, 20 layers of neurons, 5
+    logits, random influence and edges from lower to higher layers."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    T, L = 10, 20
+    nodes: list[dict[str, Any]] = []
+
+    def node(kind: str, layer: int, pos: int, index: int, infl: float | None) -> None:
+        nid = f"{layer}_{index}_{pos}"
+        nodes.append(
+            {
+                "node_id": nid,
+                "feature": index,
+                "layer": str(layer),
+                "ctx_idx": pos,
+                "feature_type": "mlp reconstruction error" if kind == "error" else kind,
+                "token_prob": 0.2 if kind == "logit" else 0.0,
+                "is_target_logit": kind == "logit",
+                "run_idx": 0,
+                "reverse_ctx_idx": 0,
+                "jsNodeId": nid,
+                "clerp": "",
+                "influence": infl,
+                "activation": 1.0,
+                "adag_id": f"{kind}:{layer}:{pos}:{index}",
+                "adag_kind": kind,
+                "adag_layer": layer,
+                "adag_index": index,
+                "adag_activation": float(rng.normal()),
+                "attribution": float(rng.normal()),
+                "token": f"t{pos}",
+                "input_attr": rng.normal(size=T).tolist(),
+                "output_attr": rng.normal(size=5).tolist(),
+            }
+        )
+
+    for p in range(T):
+        node("embed", -1, p, 100 + p, float(rng.uniform()))
+    for j in range(5):
+        node("logit", L, T - 1, 500 + j, None)
+    i = 0
+    while len(nodes) < n_nodes:
+        node("neuron", i % L, int(rng.integers(T)), 1000 + i, float(rng.uniform()))
+        i += 1
+    layer = np.array([n["adag_layer"] for n in nodes])
+    links, seen = [], set()
+    while len(links) < n_edges:
+        a, b = (int(x) for x in rng.integers(len(nodes), size=2))
+        if layer[a] >= layer[b] or (a, b) in seen:
+            continue
+        seen.add((a, b))
+        links.append(
+            {
+                "source": nodes[a]["node_id"],
+                "target": nodes[b]["node_id"],
+                "weight": float(rng.normal()),
+            }
+        )
+    groups = [
+        ["G1", *[n["node_id"] for n in nodes[20:60]]],
+        ["G2", *[n["node_id"] for n in nodes[60:90]]],
+    ]
+    return {
+        "metadata": {
+            "slug": "big",
+            "scan": "synthetic",
+            "transcoder_list": [],
+            "prompt_tokens": [f"t{p}" for p in range(T)],
+            "prompt": " ".join(f"t{p}" for p in range(T)),
+            "node_threshold": 0.8,
+            "schema_version": 1,
+            "adag_targets": [
+                {"token": f"x{j}", "token_id": 500 + j, "prob": 0.2, "logit": 3.0, "coef": 1.0}
+                for j in range(5)
+            ],
+        },
+        "qParams": {
+            "pinnedIds": [],
+            "supernodes": groups,
+            "linkType": "both",
+            "clickedId": "",
+            "sg_pos": "",
+        },
+        "nodes": nodes,
+        "links": links,
+    }

@@ -361,7 +361,16 @@ def test_adag_extras_hold_the_graph_values(dtype: Any) -> None:
     noisy = _noisy(random_dag(2, dtype=dtype), 0)
     for g in (golden_graph(dtype), noisy, prune(noisy)):
         data = json.loads(json.dumps(to_circuit_tracer(g, slug="x"), separators=(",", ":")))
-        assert list(data["metadata"]) == METADATA_FIELDS
+        assert list(data["metadata"]) == [*METADATA_FIELDS, "adag_targets"]
+        targets = data["metadata"]["adag_targets"]  # the order of every node's output_attr
+        assert [t["token"] for t in targets] == g.target_tokens
+        assert [t["token_id"] for t in targets] == g.target_ids.tolist()
+        for key, arr in (
+            ("prob", g.target_probs),
+            ("logit", g.target_logits),
+            ("coef", g.target_coef),
+        ):
+            assert np.array_equal(np.array([t[key] for t in targets], dtype=arr.dtype), arr), key
         nodes = data["nodes"]
         assert [n["adag_id"] for n in nodes] == g.node_ids
         assert [n["adag_kind"] for n in nodes] == g.node_kinds
@@ -420,7 +429,7 @@ def test_write_index_from_graph_files(tmp_path: Path) -> None:
     assert index["graphs"][2] == theirs["metadata"]
     first = json.loads((tmp_path / "first.json").read_text(encoding="utf-8"))["metadata"]
     assert index["graphs"][0] == first
-    assert list(index["graphs"][0]) == METADATA_FIELDS
+    assert list(index["graphs"][0]) == [*METADATA_FIELDS, "adag_targets"]
     assert path.read_text(encoding="utf-8") == json.dumps(index, indent=2, ensure_ascii=False)
     # given slugs: only those, in the given order; a rewritten graph shows its new metadata
     g.prompt = "changed"

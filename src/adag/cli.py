@@ -1200,6 +1200,28 @@ def generate(
     typer.echo(text)
 
 
+@app.command("serve")
+def serve_cmd(
+    run_dir: Annotated[
+        Path, typer.Argument(help="a run directory with viewer graphs (adag run or adag trace)")
+    ],
+    port: Annotated[int, typer.Option(help="the port; 0 picks a free one")] = 8046,
+    host: Annotated[
+        str,
+        typer.Option(help="the address to listen on; 0.0.0.0 lets anyone who reaches it in"),
+    ] = "127.0.0.1",
+    read_only: Annotated[
+        bool, typer.Option("--read-only", help="refuse edits: pins, supernodes, labels")
+    ] = False,
+) -> None:
+    """Open a run in the browser: serve its graphs, clusters and report at http://HOST:PORT/
+    until Ctrl-C. Pins, supernodes and labels made in the viewer are saved into the run's
+    viewer graphs (unless --read-only)."""
+    from adag.viewer import serve
+
+    serve(run_dir, host=host, port=port, read_only=read_only)
+
+
 def main() -> None:
     """Entry point of the ``adag`` script and ``python -m adag``."""
     logging.basicConfig(level=os.environ.get("ADAG_LOG", "WARNING"), format="%(name)s: %(message)s")

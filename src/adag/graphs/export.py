@@ -44,8 +44,10 @@ Deviations, each deliberate:
 - Error nodes use the current library's jsNodeId ``L_-1-P`` (older releases wrote ``L_P-0``,
   which could alias a feature node's jsNodeId).
 
-adag additions, ignored by circuit-tracer's viewer and shown by adag's: a transcoder graph's
-``metadata`` gets ``transcoder_kind`` (``"plt"`` or ``"clt"``; every feature keeps circuit-tracer's
+adag additions, ignored by circuit-tracer's viewer and shown by adag's: ``metadata`` gets
+``adag_targets`` (the graph's targets in its order, the order of every node's ``output_attr``:
+``token``, ``token_id``, ``prob``, ``logit``, ``coef``, the metric's coefficient); a transcoder graph's
+``metadata`` also gets ``transcoder_kind`` (``"plt"`` or ``"clt"``; every feature keeps circuit-tracer's
 ``feature_type`` ``"cross layer transcoder"``, which its frontend relies on, and error nodes
 ``"mlp reconstruction error"``); every node gets
 ``adag_id`` (the DESIGN.md id), ``adag_kind``, ``adag_layer`` and ``adag_index`` (the graph's
@@ -319,6 +321,17 @@ def to_circuit_tracer(
         "prompt": graph.prompt,
         "node_threshold": _node_threshold(graph.settings),
         "schema_version": SCHEMA_VERSION,
+        "adag_targets": [
+            {"token": tok, "token_id": tid, "prob": pr, "logit": lg, "coef": cf}
+            for tok, tid, pr, lg, cf in zip(
+                graph.target_tokens,
+                graph.target_ids.tolist(),
+                probs,
+                graph.target_logits.tolist(),
+                graph.target_coef.tolist(),
+                strict=True,
+            )
+        ],
     }
     tc = graph.settings.get("transcoders")
     if isinstance(tc, Mapping) and "kind" in tc:

@@ -344,13 +344,22 @@ def _summary(
 
 
 def _profile_records(run: _Run) -> dict[str, list[dict[str, Any]]]:
-    """Per cluster, its input-side top records from ``cluster-profiles.parquet`` (when the
-    descriptions are missing): the prompts where its summed profile is largest in absolute
-    value, each over the whole prompt (0 at positions the profile does not cover)."""
+    return profile_records(run.profiles, run.prompt_tokens)
+
+
+def profile_records(
+    profiles: Any, prompt_tokens: Mapping[str, Sequence[str]]
+) -> dict[str, list[dict[str, Any]]]:
+    """Per cluster, its input-side top records from ``cluster-profiles.parquet`` (the pyarrow
+    table ``profiles``, or None): the :data:`N_RECORDS` prompts where its summed profile is
+    largest in absolute value, each ``{"prompt_id", "tokens", "values", "highlight": None}`` over
+    the whole prompt (``prompt_tokens[prompt_id]``; 0 at positions the profile does not cover),
+    or over the covered positions only for a prompt id not in ``prompt_tokens``. Used by the
+    report (when the descriptions are missing) and by the viewer server."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    t = run.profiles
+    t = profiles
     need = {"cluster", "prompt_id", "side", "position", "token", "value"}
     if t is None or not need <= set(t.column_names):
         return {}
@@ -378,11 +387,12 @@ def _profile_records(run: _Run) -> dict[str, list[dict[str, Any]]]:
     for cl, items in best.items():
         for _, pid in sorted(items)[:N_RECORDS]:
             at = values.get((cl, pid), {})
-            tokens = run.prompt_tokens.get(pid)
-            if tokens is None:  # a prompt id that is no graph's slug: the covered positions only
+            known = prompt_tokens.get(pid)
+            if known is None:  # a prompt id that is no graph's slug: the covered positions only
                 tokens = [at[p][0] for p in sorted(at)]
                 vals = [at[p][1] for p in sorted(at)]
             else:
+                tokens = list(known)
                 vals = [at[p][1] if p in at else 0.0 for p in range(len(tokens))]
             out.setdefault(cl, []).append(
                 {"prompt_id": pid, "tokens": tokens, "values": vals, "highlight": None}
@@ -1082,4 +1092,4 @@ def write_report(
     return summary
 
 
-__all__ = ["REPORT", "SUMMARY", "write_report"]
+__all__ = ["REPORT", "SUMMARY", "profile_records", "write_report"]
