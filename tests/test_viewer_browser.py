@@ -300,13 +300,20 @@ def test_smollm2_run_with_clusters(small_run: Path, serve: Any, tmp_path: Path) 
         neuron = next(n for n in data["nodes"] if n["adag_kind"] == "neuron")
         click_item(page, "node", neuron["node_id"])
         page.keyboard.press("p")
+        page.fill("#detail input[aria-label='label']", "capital détecteur")
+        page.click("#detail .edit button:has-text('Set label')")
+        assert page.text_content("#detail-title") == "capital détecteur"
         page.click("#save")
         page.wait_for_function("document.getElementById('status').textContent === 'saved'")
         saved = graph_json(run, names[0])["qParams"]
         assert saved["pinnedIds"] == [neuron["node_id"]]
         assert saved["supernodes"] == groups and saved["clickedId"] == neuron["node_id"]
+        # labels as circuit-tracer's frontend stores them: a JSON string, keyed by feature
+        assert json.loads(saved["clerps"]) == [[str(neuron["feature"]), "capital détecteur"]]
         open_graph(page, s.url, names[0])
         assert page.evaluate("[...window.adagViewer.state.pinned]") == [neuron["node_id"]]
+        click_item(page, "node", neuron["node_id"])
+        assert page.text_content("#detail-title") == "capital détecteur"
 
         # the screenshot of the README: the clusters collapsed, one selected
         page.check("#collapse")

@@ -27,6 +27,7 @@ from adag.errors import AdagError
 from adag.graphs.export import INDEX_FILE, viewer_node_ids, write_index, write_viewer
 from adag.graphs.graph import Graph
 from adag.io import write_text
+from adag.nodes import circuit_tracer_fields
 from adag.viewer import make_server, serve
 from adag.viewer.server import exposure_warning, host_allowed, origin_allowed
 
@@ -78,6 +79,14 @@ def make_graph(prompt_tokens: list[str], attribution: float) -> Graph:
 GRAPH_A = make_graph(["The", " café\n"], 0.5)
 GRAPH_B = make_graph(["A", " dog"], -2.0)
 IDS = viewer_node_ids(GRAPH_A)  # both graphs have the same node ids
+F2 = str(circuit_tracer_fields("neuron", 0, 1, 5)["feature"])  # IDS[2]'s feature: clerps' key
+
+
+def clerps(pairs: Any) -> str:
+    """circuit-tracer's encoding of node labels: a JSON string of [[feature, label], ...]."""
+    return json.dumps(pairs, separators=(",", ":"), ensure_ascii=False)
+
+
 NEURON = IDS[2]  # neuron:0:1:5
 
 SUMMARY = {
@@ -513,7 +522,7 @@ def test_save_qparams(server: Any, run_dir: Path) -> None:
         "linkType": "input",
         "clickedId": IDS[5],
         "sg_pos": "1,2;3,4",
-        "clerps": [[IDS[2], "café detector"]],
+        "clerps": clerps([[F2, "café detector"]]),
     }
     r = save(server, SLUG_A, edits)
     assert r.status == 200
@@ -568,10 +577,14 @@ BAD_EDITS: list[Any] = [
     {"clickedId": "no_such_node"},
     {"sg_pos": 3},
     {"sg_pos": LONG},
-    {"clerps": [[IDS[2]]]},
-    {"clerps": [[IDS[2], "y" * 1001]]},
-    {"clerps": [["no_such_node", "label"]]},
-    {"clerps": {IDS[2]: "label"}},
+    {"clerps": clerps([[F2]])},
+    {"clerps": clerps([[F2, "y" * 1001]])},
+    {"clerps": clerps([["999", "label"]])},  # no neuron of the graph
+    {"clerps": clerps([[IDS[0], "label"]])},  # a node id, not a feature
+    {"clerps": clerps([[str(circuit_tracer_fields("embed", -1, 0, 11)["feature"]), "x"]])},
+    {"clerps": [[F2, "label"]]},  # a list: circuit-tracer's frontend JSON.parses a string
+    {"clerps": "[[not json"},
+    {"clerps": clerps({F2: "label"})},
     [1, 2],
     "pinnedIds",
     b"{not json",

@@ -54,8 +54,11 @@ Keys, each optional (:func:`check_qparams` says what is refused):
 - ``linkType``: ``"both"``, ``"input"`` or ``"output"``.
 - ``clickedId``: ``""`` or a node id of this graph.
 - ``sg_pos``: a string of at most 100,000 characters (the subgraph layout).
-- ``clerps``: ``[[node_id, label], ...]``: node labels, each at most 1,000 characters (an adag
-  addition to circuit-tracer's ``QParams``).
+- ``clerps``: labels of neurons / transcoder features, in circuit-tracer's frontend's own
+  encoding: a JSON *string* of ``[[feature, label], ...]`` where ``feature`` is the string of a
+  ``feature`` field of a neuron or feature node of this graph (a label names the unit, at every
+  position) and each label is at most 1,000 characters. Stored as that string (compact), so
+  circuit-tracer's frontend, which reads ``JSON.parse(qParams.clerps)``, shows the labels too.
 
 The write holds a per-file lock, reads the file as it is, and writes it whole with
 :func:`adag.io.write_text` (temp file + rename), compact as :func:`adag.graphs.export.write_viewer`
@@ -98,6 +101,8 @@ MAX_SG_POS = 100_000
 """Longest ``sg_pos`` string a save accepts."""
 MAX_LABEL = 1_000
 """Longest node label (``clerps``) or supernode name a save accepts."""
+CLT = "cross layer transcoder"
+"""circuit-tracer's ``feature_type`` of neurons and features (files without ``adag_kind``)"""
 UNIT_LIMIT = 20
 """Occurrences ``/api/unit`` answers with when no ``limit`` is given."""
 MAX_UNIT_LIMIT = 10_000
@@ -279,10 +284,49 @@ def _array(value: Any, where: str) -> list[Any]:
     return value
 
 
-def check_qparams(edits: Any, node_ids: set[str], slug: str) -> dict[str, Any]:
+def _unit_features(data: Mapping[str, Any]) -> set[str]:
+    """The ``feature`` keys ``clerps`` may label: those of the graph's neuron / feature nodes."""
+    return {
+        str(n["feature"])
+        for n in _list(data.get("nodes"))
+        if isinstance(n, dict)
+        and n.get("adag_kind", "neuron" if n.get("feature_type") == CLT else None)
+        in ("neuron", "feature")
+        and isinstance(n.get("feature"), int)
+    }
+
+
+def _clerps(value: Any, features: set[str], slug: str) -> str:
+    if not isinstance(value, str):
+        raise _bad(
+            f"clerps must be a JSON string of [[feature, label], ...] (circuit-tracer's "
+            f"encoding), got {type(value).__name__}"
+        )
+    try:
+        pairs = json.loads(value)
+    except ValueError:
+        raise _bad(
+            "clerps is not valid JSON; give a JSON string of [[feature, label], ...]"
+        ) from None
+    labels = []
+    for i, pair in enumerate(_array(pairs, "clerps")):
+        where = f"clerps[{i}]"
+        if not isinstance(pair, list) or len(pair) != 2:
+            raise _bad(f"{where} must be a [feature, label] pair")
+        feature = _text(pair[0], f"{where}[0] (the feature)", 40)
+        if feature not in features:
+            raise _bad(f"{where}[0] {feature!r} is no neuron or feature of graph {slug}")
+        labels.append([feature, _text(pair[1], f"{where}[1] (the label)", MAX_LABEL)])
+    return json.dumps(labels, separators=(",", ":"), ensure_ascii=False)
+
+
+def check_qparams(
+    edits: Any, node_ids: set[str], slug: str, features: set[str] | None = None
+) -> dict[str, Any]:
     """The qParams edits of a save, checked against the node ids of graph ``slug`` (rules in the
     module docstring); raises :class:`DataError` 400 with a one-line message for a body that is
-    no object, an unknown key, a wrong type, an unknown node id or an over-long string."""
+    no object, an unknown key, a wrong type, an unknown node id or an over-long string.
+    ``features``: the ``feature`` keys ``clerps`` may label (default: none)."""
     if not isinstance(edits, dict):
         raise _bad(f"the body must be a JSON object of qParams, got {type(edits).__name__}")
     clean: dict[str, Any] = {}
@@ -312,18 +356,7 @@ def check_qparams(edits: Any, node_ids: set[str], slug: str) -> dict[str, Any]:
         elif key == "sg_pos":
             clean[key] = _text(value, key, MAX_SG_POS)
         elif key == "clerps":
-            labels = []
-            for i, pair in enumerate(_array(value, key)):
-                where = f"clerps[{i}]"
-                if not isinstance(pair, list) or len(pair) != 2:
-                    raise _bad(f"{where} must be a [node_id, label] pair")
-                labels.append(
-                    [
-                        _node(pair[0], f"{where}[0]", node_ids, slug),
-                        _text(pair[1], f"{where}[1] (the label)", MAX_LABEL),
-                    ]
-                )
-            clean[key] = labels
+            clean[key] = _clerps(value, features or set(), slug)
         else:
             raise _bad(f"unknown qParams key {key!r}; the keys are {', '.join(QPARAM_KEYS)}")
     return clean
@@ -609,7 +642,7 @@ class RunData:
                 g = _parse_graph(raw)
             except ValueError as e:
                 raise DataError(500, f"viewer graph {slug} cannot be read ({e})") from None
-            clean = check_qparams(edits, _node_ids(g.data), slug)
+            clean = check_qparams(edits, _node_ids(g.data), slug, _unit_features(g.data))
             data = g.data
             q = data.get("qParams")
             if not isinstance(q, dict):

@@ -5,8 +5,10 @@
 //   /run/viewer/<slug>.json       the circuit-tracer graph JSON (adag's export)
 //   /api/clusters                 clusters with labels, descriptions, scores and top records
 //   /api/unit?kind=&layer=&index= the same neuron / feature in the run's other graphs
-// Writes: POST /api/graphs/<slug>/qparams (pins, supernodes, labels as circuit-tracer's qParams,
-// node labels as qParams.clerps = [[node_id, label], ...]).
+// Writes: POST /api/graphs/<slug>/qparams (pins and supernodes as circuit-tracer's qParams; labels
+// of neurons / features as its frontend stores them: qParams.clerps, a JSON string of
+// [[feature, label], ...], so a label names the unit at every position and circuit-tracer's own
+// frontend shows it too).
 //
 // Meanings are the export's (adag.graphs.export): a link's `weight` is the raw direct effect of
 // the source on the target (circuit-tracer's adjacency entry), drawn blue when positive and
@@ -105,10 +107,14 @@
       list.sort((a, b) => Math.abs(b.weight) - Math.abs(a.weight));
     }
     S.clusters = new Map((clusters || []).map((c) => [c.name, c]));
+    // circuit-tracer's own server saves these as URL-parameter strings: read both forms
     const q = graph.qParams || {};
-    S.pinned = new Set((q.pinnedIds || []).filter((id) => S.byId.has(id)));
-    S.labels = new Map((q.clerps || []).filter((p) => S.byId.has(p[0])).map((p) => [p[0], p[1]]));
-    setSupernodes(q.supernodes || []);
+    const list = (v, split) => (Array.isArray(v) ? v : typeof v === "string" && v ? parseList(v, split) : []);
+    S.pinned = new Set(list(q.pinnedIds, true).filter((id) => S.byId.has(id)));
+    const units = new Set(S.nodes.filter(isUnit).map((n) => String(n.feature)));
+    S.labels = new Map(list(q.clerps, false).filter((p) => Array.isArray(p) && units.has(String(p[0])))
+      .map((p) => [String(p[0]), String(p[1])]));
+    setSupernodes(list(q.supernodes, false).filter(Array.isArray));
     S.layout = layout();
   }
 
@@ -127,10 +133,20 @@
     }
   }
 
-  function kind(n) { return n.adag_kind || n.feature_type; }
+  function kind(n) {
+    if (n.adag_kind) return n.adag_kind;
+    return n.feature_type === "cross layer transcoder" ? "feature"
+      : n.feature_type === "mlp reconstruction error" ? "error"
+        : n.feature_type === "embedding" ? "embed" : n.feature_type;
+  }
+  function isUnit(n) { const k = kind(n); return k === "neuron" || k === "feature"; }
+  function parseList(text, split) {
+    try { const v = JSON.parse(text); if (Array.isArray(v)) return v; } catch (e) { /* below */ }
+    return split ? text.split(",").filter(Boolean) : [];
+  }
 
   function nodeLabel(n) {
-    if (S.labels.has(n.node_id)) return S.labels.get(n.node_id);
+    if (isUnit(n) && S.labels.has(String(n.feature))) return S.labels.get(String(n.feature));
     const k = kind(n);
     const tok = JSON.stringify(showTok(n.token ?? ""));
     if (k === "logit") return `logit ${tok}`;
@@ -611,7 +627,7 @@
     const body = {
       pinnedIds: [...S.pinned],
       supernodes: S.supernodes.map((s) => [s.name, ...s.members]),
-      clerps: [...S.labels.entries()],
+      clerps: JSON.stringify([...S.labels.entries()]),
       clickedId: S.selected && S.selected.type === "node" ? S.selected.id : "",
       linkType: "both",
     };
@@ -729,10 +745,13 @@
     const buttons = el("div", { class: "edit" },
       el("button", { type: "button", id: "pin", onclick: () => togglePin(n.node_id) }, S.pinned.has(n.node_id) ? "Unpin (p)" : "Pin (p)"));
     d.append(buttons);
-    d.append(labelEditor(S.labels.get(n.node_id) || "", (v) => {
-      if (v) S.labels.set(n.node_id, v); else S.labels.delete(n.node_id);
-      markDirty(); S.base = null; draw(); renderDetail();
-    }));
+    if (isUnit(n)) {
+      const key = String(n.feature);
+      d.append(labelEditor(S.labels.get(key) || "", (v) => {
+        if (v) S.labels.set(key, v); else S.labels.delete(key);
+        markDirty(); S.base = null; draw(); renderDetail();
+      }));
+    }
     const inp = inputProfile(n);
     if (inp) {
       d.append(el("h3", {}, "Input profile (share of the activation from each token)"));
