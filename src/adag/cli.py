@@ -504,7 +504,10 @@ def trace(
     specs = list(read) if read is not None else [PromptSpec(prompt or "", seed)]
     if seed is not None:
         specs = [p if p.seed is not None else replace(p, seed=seed) for p in specs]
-    m = load_model(model, dtype=dtype, device=device)
+    from adag.pipeline.dist import context
+
+    d = context()  # under torchrun: this rank traces its shard, rank 0 merges and reports
+    m = load_model(model, dtype=dtype, device=d.device(device))
     tc = None
     if transcoders is not None:
         from adag.transcoders import load_transcoders
@@ -522,7 +525,10 @@ def trace(
             progress=lambda n: bar.advance(task, n),
             force=force,
             transcoders=tc,
+            dist=d,
         )
+    if not d.main:
+        return
     if read is not None:  # said once the run worked, so that an error stays the only line
         typer.echo(_read_line(read, "prompt"), err=True)
     if as_json:
@@ -849,8 +855,10 @@ def demo(
 def _run_and_show(cfg: Any, out: str | None, force: list[str], as_json: bool) -> None:
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+    from adag.pipeline.dist import context
     from adag.pipeline.run import run
 
+    d = context()
     err = Console(stderr=True)
     with Progress(
         SpinnerColumn(),
@@ -869,7 +877,9 @@ def _run_and_show(cfg: Any, out: str | None, force: list[str], as_json: bool) ->
             if message.startswith("done"):
                 bar.update(tasks[stage], total=1, completed=1)
 
-        result = run(cfg, out=out, force=force, say=say)
+        result = run(cfg, out=out, force=force, say=say, dist=d)
+    if not d.main:  # under torchrun, rank 0 reports the run
+        return
     if as_json:
         typer.echo(json.dumps(result, indent=2, default=float))
         return

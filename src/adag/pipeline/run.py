@@ -21,6 +21,7 @@ from adag.errors import AdagError
 from adag.io import remove, write_text
 from adag.pipeline import rundir
 from adag.pipeline.config import STAGES, RunConfig, dump_config
+from adag.pipeline.dist import Dist
 from adag.pipeline.resume import is_current, key_path, write_key
 
 if TYPE_CHECKING:
@@ -88,10 +89,17 @@ def run(
     force: Collection[str] = (),
     model: Model | None = None,
     say: Say = _quiet,
+    dist: Dist | None = None,
 ) -> dict[str, Any]:
     """Run every stage of ``config`` into ``out`` (default ``config.out``); returns the report's
     summary with ``"run_dir"``, ``"timings"`` (seconds per stage) and ``"reused"`` (stages whose
-    outputs were current)."""
+    outputs were current).
+
+    ``dist`` (:func:`adag.pipeline.dist.context` under ``torchrun``): every rank loads the model
+    (a bare ``cuda`` device becomes its own GPU) and traces its shard of the prompts; rank 0
+    then merges and runs the remaining stages alone, as one process would, and returns the
+    summary; the other ranks return ``{"run_dir", "rank", "world", "timings", "trace"}`` after
+    the trace stage."""
     from adag.models.load import load_model
     from adag.pipeline.cluster import cluster_stage
     from adag.pipeline.describe import describe_stage
@@ -115,11 +123,14 @@ def run(
     usage: dict[str, Any] = {}
     # everything that can fail on bad input fails before the first file is written
     t0 = time.perf_counter()
-    m = model or load_model(config.model, dtype=config.dtype, device=config.device)
+    dp = dist or Dist()
+    m = model or load_model(config.model, dtype=config.dtype, device=dp.device(config.device))
     timings["load"] = round(time.perf_counter() - t0, 3)
     run_dir.mkdir(parents=True, exist_ok=True)
     text = dump_config(config)
-    if not (run_dir / CONFIG).exists() or (run_dir / CONFIG).read_text(encoding="utf-8") != text:
+    if dp.main and (
+        not (run_dir / CONFIG).exists() or (run_dir / CONFIG).read_text(encoding="utf-8") != text
+    ):
         write_text(run_dir / CONFIG, text)
 
     def timed(stage: str, fn: Callable[[], Any]) -> Any:
@@ -135,13 +146,26 @@ def run(
         say(stage, f"done in {timings[stage]:.1f} s")
         return result
 
-    specs = timed("dataset", lambda: dataset_stage(m, config, run_dir, force="dataset" in force))[
-        "prompts"
-    ]
-    timed(
+    # rank 0 writes the prompt list; the others then find it current and read it
+    if dp.main:
+        specs = timed(
+            "dataset", lambda: dataset_stage(m, config, run_dir, force="dataset" in force)
+        )["prompts"]
+    dp.barrier()
+    if not dp.main:
+        specs = timed("dataset", lambda: dataset_stage(m, config, run_dir, force=False))["prompts"]
+    traced = timed(
         "trace",
-        lambda: trace_stage(m, specs, run_dir, config.trace, force="trace" in force),
+        lambda: trace_stage(m, specs, run_dir, config.trace, force="trace" in force, dist=dp),
     )
+    if not dp.main:
+        return {
+            "run_dir": str(run_dir),
+            "rank": dp.rank,
+            "world": dp.world,
+            "timings": timings,
+            "trace": {k: traced[k] for k in ("reused", "traced")},
+        }
     if config.pairs is not None:
         timed("patch", lambda: _patch(m, config, run_dir, force="patch" in force))
     cl = config.cluster

@@ -36,6 +36,7 @@ from adag.graphs.trace import TraceConfig, prepare, trace_tokens
 from adag.io import remove
 from adag.models.model import Model
 from adag.pipeline import rundir
+from adag.pipeline.dist import Dist
 from adag.pipeline.resume import is_current, key_path, matches, write_key
 from adag.profiles import profile, save_profiles
 from adag.tasks.prompts import PromptSpec
@@ -110,13 +111,21 @@ def trace_stage(
     progress: Callable[[int], None] | None = None,
     force: bool = False,
     transcoders: Transcoders | None = None,
+    dist: Dist | None = None,
 ) -> dict[str, Any]:
     """Trace every prompt and write the run directory (``force``: trace every graph again even
     when it is current; ``transcoders``: trace feature graphs of the local replacement model, as
     :func:`adag.trace` does, the transcoders' :meth:`~adag.transcoders.Transcoders.fingerprint`
     joining the resume key). Returns a summary: paths, the slugs ``"reused"``, ``"traced"`` and
     ``"removed"`` (graphs of an earlier run not in this prompt list), ``"stale_temps"`` (temp
-    files of a killed run it deleted) and each graph's summary."""
+    files of a killed run it deleted) and each graph's summary.
+
+    ``dist`` (:func:`adag.pipeline.dist.context` under ``torchrun``): every rank calls this;
+    rank ``r`` traces the prompts ``i % world == r`` and writes their graph and viewer files;
+    rank 0 alone removes stale files before and writes the index and the profiles after (from
+    the files), so the run directory is the one a single process writes. Rank 0 returns the
+    whole summary (``"reused"``/``"traced"`` of every rank), the others their shard's, with
+    ``"summaries"`` empty."""
     started = time.time()
     config = config or TraceConfig()
     families = None
@@ -142,35 +151,54 @@ def trace_stage(
     graphs_dir, viewer_dir, prof = out / "graphs", out / "viewer", out / PROFILES
     slugs = slugs_for(prompts)
 
-    temps = [
-        *rundir.remove_stale_temps(graphs_dir, started),
-        *rundir.remove_stale_temps(viewer_dir, started),
-        *rundir.remove_stale_temps(out, started, names=(PROFILES, key_path(prof).name)),
-    ]
+    d = dist or Dist()
+    temps = (
+        [
+            *rundir.remove_stale_temps(graphs_dir, started),
+            *rundir.remove_stale_temps(viewer_dir, started),
+            *rundir.remove_stale_temps(out, started, names=(PROFILES, key_path(prof).name)),
+        ]
+        if d.main  # before the barrier below: no rank has started writing yet
+        else []
+    )
     if temps:
         logger.info("removed %d stale temp file(s) of a killed run", len(temps))
 
     base_key = {**config.content(model), **extra}
+    mine = [d.owns(i) for i in range(len(prompts))]
     current = [
-        None if force else _current(graphs_dir / slug, {**base_key, "seed_response": p.seed}, ids)
-        for p, slug, (_, ids) in zip(prompts, slugs, assembled, strict=True)
+        None
+        if force or not own
+        else _current(graphs_dir / slug, {**base_key, "seed_response": p.seed}, ids)
+        for p, slug, (_, ids), own in zip(prompts, slugs, assembled, mine, strict=True)
     ]
-    rundir.progress.begin("graphs", len(slugs), out, kept=sum(g is not None for g in current))
-    removed = _stale(graphs_dir, viewer_dir, slugs)
-    if force or removed or any(g is None for g in current):
-        # The index and the profiles describe the whole set of graphs: drop them before the set
-        # changes, so that an interrupted run never leaves them listing graphs that are gone.
-        for p in (viewer_dir / INDEX_FILE, key_path(prof), prof):
-            remove(p)
-    for slug in removed:
-        files = [graphs_dir / f"{slug}{sfx}" for sfx in GRAPH_SUFFIXES] + [
-            viewer_dir / f"{slug}.json"
-        ]
-        for f in [f for f in files if f.is_file() and _ours(f)]:  # the graph's JSON (its commit
-            remove(f)  # mark) goes first, so a kill here leaves no JSON without its tensors
+    rundir.progress.begin("graphs", sum(mine), out, kept=sum(g is not None for g in current))
+    changing = d.any(force or any(g is None for g, own in zip(current, mine, strict=True) if own))
+    removed: list[str] = []
+    if d.main:
+        removed = _stale(graphs_dir, viewer_dir, slugs)
+        if changing or removed:
+            # The index and the profiles describe the whole set of graphs: drop them before the
+            # set changes, so that an interrupted run never leaves them listing graphs that are
+            # gone.
+            for p in (viewer_dir / INDEX_FILE, key_path(prof), prof):
+                remove(p)
+        for slug in removed:
+            files = [graphs_dir / f"{slug}{sfx}" for sfx in GRAPH_SUFFIXES] + [
+                viewer_dir / f"{slug}.json"
+            ]
+            for f in [f for f in files if f.is_file() and _ours(f)]:  # the graph's JSON (its
+                remove(f)  # commit mark) goes first: a kill here leaves no JSON without tensors
+    d.barrier()  # no rank writes before rank 0 has cleaned up
 
-    graphs, reused, traced = [], [], []
-    for spec, slug, (text, ids), g in zip(prompts, slugs, assembled, current, strict=True):
+    graphs: list[Graph | None] = []
+    reused, traced = [], []
+    for spec, slug, (text, ids), g, own in zip(
+        prompts, slugs, assembled, current, mine, strict=True
+    ):
+        if not own:
+            graphs.append(None)
+            continue
         path = graphs_dir / slug
         if g is None:
             g = trace_tokens(
@@ -202,6 +230,34 @@ def trace_stage(
         graphs.append(g)
         if progress is not None:
             progress(1)
+    if d.active:
+        d.barrier()  # every shard is on disk
+        shards = d.gather((reused, traced))
+        if not d.main:
+            return {
+                "graphs": [
+                    str(graphs_dir / f"{s}.json") for s, own in zip(slugs, mine, strict=True) if own
+                ],
+                "viewer": str(viewer_dir),
+                "profiles": str(prof),
+                "reused": reused,
+                "traced": traced,
+                "removed": [],
+                "stale_temps": [str(p) for p in temps],
+                "summaries": [],
+                "shard": [d.rank, d.world],
+            }
+        done = {s for r, t in shards for s in (*r, *t)}
+        reused = [s for s in slugs if any(s in r for r, _ in shards)]
+        traced = [s for s in slugs if any(s in t for _, t in shards)]
+        missing = [s for s in slugs if s not in done]
+        if missing:
+            raise AdagError(f"no rank traced {missing[0]!r}; run the stage again")
+        graphs = [
+            g if g is not None else Graph.load(graphs_dir / s)
+            for g, s in zip(graphs, slugs, strict=True)
+        ]
+    all_graphs = [g for g in graphs if g is not None]
     write_index(viewer_dir, slugs)
     pkey = {
         "stage": "trace",
@@ -210,7 +266,7 @@ def trace_stage(
     }
     if force or not is_current(prof, pkey):
         remove(key_path(prof))  # a new table must never sit beside an old key
-        save_profiles(profile(graphs, prompt_ids=slugs), prof)
+        save_profiles(profile(all_graphs, prompt_ids=slugs), prof)
         write_key(prof, pkey)
     return {
         "graphs": [str(graphs_dir / f"{s}.json") for s in slugs],
@@ -220,7 +276,7 @@ def trace_stage(
         "traced": traced,
         "removed": removed,
         "stale_temps": [str(p) for p in temps],
-        "summaries": [g.summary() for g in graphs],
+        "summaries": [g.summary() for g in all_graphs],
     }
 
 
