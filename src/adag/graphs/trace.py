@@ -51,6 +51,7 @@ from adag.graphs.config import Targets, TraceConfig, targets_json
 from adag.graphs.family import NodeFamily, Nodes, spliced
 from adag.graphs.graph import Graph
 from adag.graphs.neurons import MlpNeurons
+from adag.models import memory
 from adag.models.linear import linear_replica, linearize, replica_sites, resolve_mlp_rules
 from adag.models.model import Model
 from adag.models.sites import Patch
@@ -243,8 +244,29 @@ def trace_tokens(
 ) -> Graph:
     """:func:`trace` for one prompt given as token ids; the traced position is the last."""
     config = config or TraceConfig()
-    fams = list(families) if families is not None else [MlpNeurons()]
+    fams: list[NodeFamily] = list(families) if families is not None else [MlpNeurons()]
+    try:
+        return _trace_tokens(model, ids, config, fams, prompt, extra_settings)
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        if not memory.is_oom(e):
+            raise
+        raise memory.oom_error(len(ids), config.max_batch_tokens, config.batch_size) from None
+
+
+def _trace_tokens(
+    model: Model,
+    ids: Sequence[int],
+    config: TraceConfig,
+    fams: list[NodeFamily],
+    prompt: str,
+    extra_settings: Mapping[str, Any] | None,
+) -> Graph:
     clean = clean_run(model, ids, fams, config)
+    # the widest pass, checked against the free memory before it runs
+    widest = max(
+        1, min(max(len(clean.target_ids), config.batch_size), config.max_batch_tokens // clean.T)
+    )
+    memory.check_pass(model, widest, clean.T, max_batch_tokens=config.max_batch_tokens)
     emb_out, kept = attribute_nodes(model, clean, fams, config)
     log.info(
         "prompt of %d tokens: m = %.4g, %s kept",
