@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -151,7 +151,14 @@ class Model:
 
     @property
     def device(self) -> torch.device:
-        return next(self.hf.parameters()).device
+        """Where token ids go in: the input embeddings' device (their accelerate hook's
+        execution device when ``device_map`` offloaded them to the meta device)."""
+        emb = self.hf.get_input_embeddings()
+        hook = getattr(emb, "_hf_hook", None)
+        execution = getattr(hook, "execution_device", None)
+        if execution is not None:
+            return torch.device(execution)
+        return cast(Tensor, emb.weight).device
 
     # -- tokens ------------------------------------------------------------------------------
 

@@ -6,11 +6,14 @@ float64 precision in exactness tests."""
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import cast
 
 import torch
 from torch import Tensor
 
+from adag.errors import AdagError
 from adag.models.specs import ActKind, NormKind
 
 
@@ -36,8 +39,30 @@ def norm_scale(kind: NormKind, x: Tensor, eps: float) -> Tensor:
     return torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
 
 
+@contextmanager
+def _materialised(module: torch.nn.Module, x: Tensor) -> Iterator[None]:
+    """The weights of a module that accelerate offloaded (``device_map`` with CPU or disk
+    offload keeps them on the meta device outside its forward), loaded for the block and put
+    back after: adag's norm hooks run after the module's forward, when accelerate has already
+    put them back."""
+    hook = getattr(module, "_hf_hook", None)
+    if hook is None:
+        raise AdagError(
+            f"the weights of {type(module).__name__} are on the meta device with no accelerate "
+            "hook to load them; load the model with device_map or give it real weights"
+        )
+    hook.pre_forward(module, x)
+    try:
+        yield
+    finally:
+        hook.post_forward(module, x)
+
+
 def norm_apply(kind: NormKind, module: torch.nn.Module, x: Tensor, scale: Tensor) -> Tensor:
     """The norm's output for input ``x`` with the given scale (which may be frozen or patched)."""
+    if cast(Tensor, module.weight).is_meta:  # offloaded by accelerate (device_map, disk/CPU)
+        with _materialised(module, x):
+            return norm_apply(kind, module, x, scale)
     wd = work_dtype(x.dtype)
     xf = x.to(wd)
     weight = cast(Tensor, module.weight)
