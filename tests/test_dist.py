@@ -175,3 +175,58 @@ def test_killed_rank_resumes_without_retracing(tiny_dir: Path, tmp_path: Path) -
     shutil.rmtree(single, ignore_errors=True)
     adag([*args[:-1], str(single)])
     assert tree(out) == tree(single)
+
+
+PAIRS = [
+    (
+        "When Mary and John went to the store, John gave a drink to",
+        "When Mary and John went to the store, Mary gave a drink to",
+        " Mary",
+        " John",
+    ),
+    (
+        "When Alice and Bob went to the park, Bob gave a ball to",
+        "When Alice and Bob went to the park, Alice gave a ball to",
+        " Alice",
+        " Bob",
+    ),
+    (
+        "Then Tom and Anna sat down, and Anna handed a cup to",
+        "Then Tom and Anna sat down, and Tom handed a cup to",
+        " Tom",
+        " Anna",
+    ),
+    ("The capital of France is", "The capital of Italy is", " Paris", " Rome"),
+    ("The capital of Spain is", "The capital of Japan is", " Madrid", " Tokyo"),
+]
+
+
+def table_of(path: Path) -> tuple[dict, dict]:
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(path)
+    meta = {k: v for k, v in (t.schema.metadata or {}).items() if k != b"seconds"}
+    return t.to_pydict(), meta
+
+
+@pytest.mark.parametrize("method", ["atp_star", "atp_dqk", "exhaustive", "ablate_mean"])
+def test_two_gloo_processes_patch_like_one(tiny_dir: Path, tmp_path: Path, method: str) -> None:
+    """The ranks split the pairs (pairs of two lengths: ids aligned from the end) and rank 0
+    merges them into the table one process writes; ablate_mean (a mean over all pairs) runs on
+    rank 0 alone."""
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(
+        "".join(
+            json.dumps({"clean": c, "noise": n, "answer": a, "foil": f}) + "\n"
+            for c, n, a, f in PAIRS
+        )
+    )
+    args = ["patch", str(tiny_dir), "--pairs", str(pairs), "--method", method, "--json"]
+    adag([*args, "--out", str(tmp_path / "one")])
+    r = adag([*args, "--out", str(tmp_path / "two")], ranks=2)
+    assert json.loads(r.stdout)["reused"] is False
+    one = table_of(tmp_path / "one" / "patching" / f"{method}.parquet")
+    two = table_of(tmp_path / "two" / "patching" / f"{method}.parquet")
+    assert one == two
+    r = adag([*args, "--out", str(tmp_path / "two")], ranks=2)
+    assert json.loads(r.stdout)["reused"] is True

@@ -329,7 +329,10 @@ def patch(
     run_dir = check_writable(out, dirs=("patching",))  # before any work
     read = load_pairs(pairs, format=pairs_format) if pairs is not None else None
     prompt_pairs = list(read) if read is not None else None
-    m = load_model(model, dtype=dtype, device=device)
+    from adag.pipeline.dist import context
+
+    d = context()  # under torchrun: ranks split the pairs, rank 0 merges and reports
+    m = load_model(model, dtype=dtype, device=d.device(device))
     node_set(m, nodes, 1)  # validate the node spec before any work
     if prompt_pairs is None:
         with err.status(f"generating {task} pairs"):
@@ -346,7 +349,10 @@ def patch(
             evaluate_all=evaluate,
             progress=lambda msg: status.update(f"patching: {msg}"),
             force=force,
+            dist=d,
         )
+    if not d.main:
+        return
     if read is not None:  # said once the run worked, so that an error stays the only line
         typer.echo(_read_line(read, "pair"), err=True)
     if as_json:

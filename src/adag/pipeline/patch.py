@@ -32,6 +32,7 @@ from adag.patching.baselines import rank_by_magnitude
 from adag.patching.patch import PatchingOracle, exhaustive, tokenized
 from adag.patching.scores import NodeScores
 from adag.pipeline import rundir
+from adag.pipeline.dist import Dist
 from adag.pipeline.resume import config_hash, is_current, key_path, write_key
 
 if TYPE_CHECKING:
@@ -57,6 +58,10 @@ METHODS = (
     *ABLATIONS,
 )
 BASELINES = ("iterative", "subsampling", "blocks", "hierarchical")
+SHARDABLE = (*ESTIMATORS, *OTHER_ESTIMATORS, "exhaustive", "exhaustive_denoising")
+"""Methods whose per-pair scores depend on that pair alone, so ``torchrun`` ranks can split the
+pairs (:func:`patch_command`); the ablations (a mean or a resample over all pairs) and
+``localize`` (adaptive over all pairs) run on rank 0."""
 
 
 def run_method(
@@ -407,6 +412,28 @@ def _saved_top(path: Path, k: int) -> tuple[list[tuple[str, float]], list[str]] 
     return [(nodes[i], float(est[i])) for i in order], [pos[i] for i in order]
 
 
+def _merge_shards(
+    method: str, shards: Sequence[Sequence[tuple[int, NodeScores]]], toks: Sequence[TokenizedPair]
+) -> NodeScores:
+    """One table from every rank's single-pair scores: the pairs back in their order, merged as
+    the method merges its pairs (:func:`merge_pairs`, aligning ids by role when lengths
+    differ); the cost is the sum, the seconds the slowest pair's sum per rank."""
+    from adag.patching.scores import merge_pairs
+
+    by_pair = dict(item for shard in shards for item in shard)
+    parts = [by_pair[j] for j in range(len(toks))]
+    names = list(parts[0].columns)
+    out = merge_pairs(
+        parts[0].method,
+        [(p.nodes, p.per_pair[0]) for p in parts],
+        float(sum(p.cost for p in parts)),
+        {k: [p.columns[k] for p in parts] for k in names} if names else None,
+        pairs=list(toks),
+    )
+    out.seconds = max(sum(p.seconds for _, p in shard) for shard in shards)
+    return out
+
+
 def patch_command(
     model: Model,
     pairs: Sequence[object],
@@ -419,12 +446,39 @@ def patch_command(
     evaluate_all: bool = False,
     progress: Callable[[str], None] | None = None,
     force: bool = False,
+    dist: Dist | None = None,
 ) -> dict[str, Any]:
     """What ``adag patch`` does: one method's table and plot (reused when current and not
     ``force``: ``"reused": true``), or the whole evaluation (``evaluate_all``, always
     recomputed). ``"stale_temps"``: the temp files of a killed run it deleted; ``"top"``: the
     top 10 (node, estimate), ``"top_positions"``: their positions in words
-    (:func:`position_names`)."""
+    (:func:`position_names`).
+
+    ``dist`` (under ``torchrun``; every rank calls this): for a method of :data:`SHARDABLE`,
+    rank ``r`` scores the pairs ``j % world == r`` one by one, rank 0 gathers the per-pair
+    scores and merges them in pair order with the method's own :func:`merge_pairs`, so the
+    table equals one process's; other methods and ``evaluate_all`` run on rank 0 alone. Only
+    rank 0 writes; the others return ``{"shard": [rank, world], "pairs": n}``."""
+    d = dist or Dist()
+    if d.active and (evaluate_all or method not in SHARDABLE):
+        if not d.main:
+            d.barrier()
+            return {"shard": [d.rank, d.world], "pairs": 0}
+        try:
+            return patch_command(
+                model,
+                pairs,
+                out,
+                method=method,
+                nodes=nodes,
+                metric=metric,
+                batch_size=batch_size,
+                evaluate_all=evaluate_all,
+                progress=progress,
+                force=force,
+            )
+        finally:
+            d.barrier()
     started = time.time()
     if method not in METHODS:
         raise AdagError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
@@ -447,10 +501,34 @@ def patch_command(
     table, plot = out_dir / f"{method}.parquet", out_dir / f"{method}.png"
     current = not force and is_current(table, key) and plot.exists()
     saved = _saved_top(table, 10) if current else None
+    if d.active:
+        reused_on_0 = d.gather(saved is not None)[0]
+        if reused_on_0 and not d.main:
+            return {"shard": [d.rank, d.world], "pairs": 0}
+        if not reused_on_0:
+            saved = None
     reused = saved is not None
     rundir.progress.begin("tables", 1, out_dir, kept=int(reused))
     if saved is None:
-        scores = run_method(model, toks, method, nodes=nodes, metric=metric, batch_size=batch_size)
+        if d.active:
+            mine = [
+                (
+                    j,
+                    run_method(
+                        model, [tp], method, nodes=nodes, metric=metric, batch_size=batch_size
+                    ),
+                )
+                for j, tp in enumerate(toks)
+                if d.owns(j)
+            ]
+            shards = d.gather(mine)
+            if not d.main:
+                return {"shard": [d.rank, d.world], "pairs": len(mine)}
+            scores = _merge_shards(method, shards, toks)
+        else:
+            scores = run_method(
+                model, toks, method, nodes=nodes, metric=metric, batch_size=batch_size
+            )
         positions = position_names(model, scores.nodes, toks)
         where = dict(zip(scores.nodes, positions, strict=True))
         remove(key_path(table))  # a new table must never sit beside an old key

@@ -99,7 +99,7 @@ def run(
     (a bare ``cuda`` device becomes its own GPU) and traces its shard of the prompts; rank 0
     then merges and runs the remaining stages alone, as one process would, and returns the
     summary; the other ranks return ``{"run_dir", "rank", "world", "timings", "trace"}`` after
-    the trace stage."""
+    the trace and patch stages (the patch stage splits the pairs too)."""
     from adag.models.load import load_model
     from adag.pipeline.cluster import cluster_stage
     from adag.pipeline.describe import describe_stage
@@ -158,6 +158,8 @@ def run(
         "trace",
         lambda: trace_stage(m, specs, run_dir, config.trace, force="trace" in force, dist=dp),
     )
+    if config.pairs is not None:  # the ranks split the pairs (adag.pipeline.patch.SHARDABLE)
+        timed("patch", lambda: _patch(m, config, run_dir, force="patch" in force, dist=dp))
     if not dp.main:
         return {
             "run_dir": str(run_dir),
@@ -166,8 +168,6 @@ def run(
             "timings": timings,
             "trace": {k: traced[k] for k in ("reused", "traced")},
         }
-    if config.pairs is not None:
-        timed("patch", lambda: _patch(m, config, run_dir, force="patch" in force))
     cl = config.cluster
     timed(
         "cluster",
@@ -228,7 +228,9 @@ def run(
     return {**summary, "run_dir": str(run_dir), "timings": timings, "reused": reused}
 
 
-def _patch(model: Model, config: RunConfig, run_dir: Path, *, force: bool) -> dict[str, Any]:
+def _patch(
+    model: Model, config: RunConfig, run_dir: Path, *, force: bool, dist: Dist | None = None
+) -> dict[str, Any]:
     from adag.pipeline.patch import patch_command
     from adag.tasks import load_pairs, make_task
 
@@ -248,6 +250,7 @@ def _patch(model: Model, config: RunConfig, run_dir: Path, *, force: bool) -> di
         metric=p.metric,
         batch_size=p.batch_size,
         force=force,
+        dist=dist,
     )
 
 
