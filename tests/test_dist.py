@@ -105,7 +105,8 @@ def test_two_gloo_processes_run_like_one(tiny_dir: Path, tmp_path: Path) -> None
         "trace": {"k": 2, "node_threshold": 0.01, "edge_threshold": 0.02},
         "cluster": {"n_clusters": 3},
         "describe": {"enabled": False},
-        "steer": {"enabled": False},
+        "steer": {"scale": [0.0, 2.0]},  # the ranks split the clusters
+        "pairs": {"file": str(write_pairs(tmp_path / "pairs.jsonl")), "method": "atp_star"},
     }
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
@@ -117,9 +118,20 @@ def test_two_gloo_processes_run_like_one(tiny_dir: Path, tmp_path: Path) -> None
     skip = ("report.html", "summary.json")
     one, two = tree(tmp_path / "one", skip), tree(tmp_path / "two", skip)
     assert list(one) == list(two)
-    for name in ("clusters.json", "profiles.parquet", "cluster-profiles.parquet"):
+    for name in (
+        "clusters.json",
+        "profiles.parquet",
+        "cluster-profiles.parquet",
+        "steering.parquet",
+        "steering-summary.parquet",
+    ):
         assert name in one
-    assert one == two
+    # the patch table records its own run time
+    one.pop("patching/atp_star.parquet")
+    assert two.pop("patching/atp_star.parquet") and one == two
+    assert table_of(tmp_path / "one" / "patching" / "atp_star.parquet") == table_of(
+        tmp_path / "two" / "patching" / "atp_star.parquet"
+    )
 
 
 def worker_pids(tag: str, rank: int) -> list[int]:
@@ -201,6 +213,16 @@ PAIRS = [
 ]
 
 
+def write_pairs(path: Path) -> Path:
+    path.write_text(
+        "".join(
+            json.dumps({"clean": c, "noise": n, "answer": a, "foil": f}) + "\n"
+            for c, n, a, f in PAIRS
+        )
+    )
+    return path
+
+
 def table_of(path: Path) -> tuple[dict, dict]:
     import pyarrow.parquet as pq
 
@@ -214,13 +236,7 @@ def test_two_gloo_processes_patch_like_one(tiny_dir: Path, tmp_path: Path, metho
     """The ranks split the pairs (pairs of two lengths: ids aligned from the end) and rank 0
     merges them into the table one process writes; ablate_mean (a mean over all pairs) runs on
     rank 0 alone."""
-    pairs = tmp_path / "pairs.jsonl"
-    pairs.write_text(
-        "".join(
-            json.dumps({"clean": c, "noise": n, "answer": a, "foil": f}) + "\n"
-            for c, n, a, f in PAIRS
-        )
-    )
+    pairs = write_pairs(tmp_path / "pairs.jsonl")
     args = ["patch", str(tiny_dir), "--pairs", str(pairs), "--method", method, "--json"]
     adag([*args, "--out", str(tmp_path / "one")])
     r = adag([*args, "--out", str(tmp_path / "two")], ranks=2)

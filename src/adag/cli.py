@@ -662,7 +662,12 @@ def steer_cmd(
     settings = graphs[0].settings
     if not settings.get("model"):
         raise AdagError(f"the graphs of {run_dir} do not record their model; trace them again")
-    m = load_model(settings["model"], dtype=settings.get("dtype", "float32"), device=device)
+    from adag.pipeline.dist import context
+
+    d = context()  # under torchrun: ranks split the clusters, rank 0 merges, judges, reports
+    m = load_model(
+        settings["model"], dtype=settings.get("dtype", "float32"), device=d.device(device)
+    )
     err = Console(stderr=True)
     with Progress(console=err, transient=True, disable=not err.is_terminal) as bar:
         task = bar.add_task("steering", total=len(cluster) if cluster else None)
@@ -675,7 +680,10 @@ def steer_cmd(
             batch_size=batch_size,
             force=force,
             progress=lambda n: bar.advance(task, n),
+            dist=d,
         )
+    if not d.main:
+        return
     if judge:
         from adag.pipeline.steer import judge_stage
 

@@ -99,7 +99,8 @@ def run(
     (a bare ``cuda`` device becomes its own GPU) and traces its shard of the prompts; rank 0
     then merges and runs the remaining stages alone, as one process would, and returns the
     summary; the other ranks return ``{"run_dir", "rank", "world", "timings", "trace"}`` after
-    the trace and patch stages (the patch stage splits the pairs too)."""
+    the trace, patch and steer stages (the patch stage splits the pairs, steer the clusters;
+    they wait while rank 0 clusters and describes)."""
     from adag.models.load import load_model
     from adag.pipeline.cluster import cluster_stage
     from adag.pipeline.describe import describe_stage
@@ -160,7 +161,22 @@ def run(
     )
     if config.pairs is not None:  # the ranks split the pairs (adag.pipeline.patch.SHARDABLE)
         timed("patch", lambda: _patch(m, config, run_dir, force="patch" in force, dist=dp))
+    s = config.steer
     if not dp.main:
+        dp.barrier()  # rank 0 clusters and describes
+        if s.enabled:  # the ranks split the clusters
+            timed(
+                "steer",
+                lambda: steer_stage(
+                    m,
+                    run_dir,
+                    scale=s.scale,
+                    k=s.k,
+                    batch_size=s.batch_size,
+                    force="steer" in force,
+                    dist=dp,
+                ),
+            )
         return {
             "run_dir": str(run_dir),
             "rank": dp.rank,
@@ -199,12 +215,18 @@ def run(
             ),
         )
         usage.update(result.get("usage") or {})
-    s = config.steer
+    dp.barrier()  # the other ranks wait here for the clusters
     if s.enabled:
         timed(
             "steer",
             lambda: steer_stage(
-                m, run_dir, scale=s.scale, k=s.k, batch_size=s.batch_size, force="steer" in force
+                m,
+                run_dir,
+                scale=s.scale,
+                k=s.k,
+                batch_size=s.batch_size,
+                force="steer" in force,
+                dist=dp,
             ),
         )
         if s.generate > 0 and s.judge:

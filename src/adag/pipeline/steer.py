@@ -20,6 +20,7 @@ from adag.errors import AdagError
 from adag.io import file_sha256, remove, write_parquet
 from adag.models.model import Model
 from adag.pipeline.cluster import CLUSTERS, run_graphs
+from adag.pipeline.dist import Dist
 from adag.pipeline.resume import is_current, key_path, write_key
 from adag.pipeline.rundir import graphs_key
 
@@ -48,9 +49,16 @@ def steer_stage(
     batch_size: int = 16,
     force: bool = False,
     progress: Callable[[int], None] | None = None,
+    dist: Dist | None = None,
 ) -> dict[str, Any]:
     """Steer every cluster (or the named ones) by every factor on every prompt of the run; write
-    the files listed in the module docstring and return a summary."""
+    the files listed in the module docstring and return a summary.
+
+    ``dist`` (under ``torchrun``; every rank calls this): rank ``r`` steers the clusters
+    ``i % world == r`` (of the names in order), rank 0 gathers their tables, concatenates them
+    in cluster order and writes the files, which equal one process's; the other ranks return
+    ``{"shard": [rank, world], "clusters": [...]}``."""
+    d = dist or Dist()
     from adag.clusters import Clusters
     from adag.steer import steer, summarise
     from adag.steer.plots import plot_steering
@@ -83,7 +91,12 @@ def steer_stage(
         "graphs": graphs_key(run_dir / "graphs", slugs),
     }
     path = run_dir / STEERING
-    if not force and is_current(path, key):
+    current = not force and is_current(path, key)
+    if d.active:
+        current = d.gather(current)[0]  # rank 0 decides
+        if current and not d.main:
+            return {"shard": [d.rank, d.world], "clusters": []}
+    if current:
         import pyarrow.parquet as pq
 
         summary = pq.read_table(run_dir / "steering-summary.parquet")
@@ -93,7 +106,8 @@ def steer_stage(
     prompts = [g.prompt_ids.tolist() for g in graphs]
     targets = [g.target_ids.tolist() for g in graphs]
     tables = []
-    for name in names:
+    mine = [name for i, name in enumerate(names) if d.owns(i)]
+    for name in mine:
         t = steer(
             model,
             prompts,
@@ -108,6 +122,12 @@ def steer_stage(
         tables.append(t.append_column("prompt_id", slug_col))
         if progress is not None:
             progress(1)
+    if d.active:
+        parts = d.gather(list(zip(mine, tables, strict=True)))
+        if not d.main:
+            return {"shard": [d.rank, d.world], "clusters": mine}
+        by_name = dict(item for part in parts for item in part)
+        tables = [by_name[name] for name in names]
     table = pa.concat_tables(tables)
     summary = summarise(table)
     remove(key_path(path))
