@@ -86,3 +86,54 @@ def test_load_model_device_auto(tiny_dir: Path) -> None:
     g = trace(m, "The capital of France is", k=2)[0]
     ref = trace(load_model(str(tiny_dir)), "The capital of France is", k=2)[0]
     assert g == ref
+
+
+def test_each_worker_gets_its_share_of_the_gpus() -> None:
+    from adag.errors import AdagError
+    from adag.pipeline.dist import Dist
+
+    two = [Dist(rank=r, world=2, local_rank=r, local_world=2) for r in range(2)]
+    assert [d.device("auto", n_gpus=4) for d in two] == ["auto:0,1", "auto:2,3"]
+    assert [d.device("auto", gpus_per_model=1, n_gpus=4) for d in two] == ["auto:0", "auto:1"]
+    assert [d.device("cuda") for d in two] == ["cuda:0", "cuda:1"]
+    # two machines of two ranks: the local rank decides
+    assert Dist(rank=3, world=4, local_rank=1, local_world=2).device("auto", n_gpus=2) == "auto:1"
+    assert Dist().device("auto", gpus_per_model=2, n_gpus=8) == "auto:0,1"
+    assert Dist().device("auto") == "auto" and Dist().device("cpu") == "cpu"
+    with pytest.raises(AdagError, match="need 6 GPUs and this machine has 4"):
+        two[1].device("auto", gpus_per_model=3, n_gpus=4)
+    with pytest.raises(AdagError, match="with --device auto"):
+        Dist().device("cuda", gpus_per_model=2)
+
+
+def test_a_workers_gpus_are_the_only_ones_planned() -> None:
+    """Meta-device planning: accelerate places the model on the worker's GPUs (and the CPU for
+    what does not fit), never on another worker's."""
+    import warnings
+
+    from accelerate import infer_auto_device_map, init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from adag.errors import AdagError
+    from adag.models.load import gpu_list, load_model, max_memory_for
+
+    from .conftest import tiny_config
+
+    assert gpu_list("auto:2,3") == [2, 3]
+    for bad in ("auto:", "auto:x", "auto:-1"):
+        with pytest.raises(AdagError, match="lists GPU indices"):
+            gpu_list(bad)
+    with init_empty_weights():
+        hf = AutoModelForCausalLM.from_config(tiny_config("llama"))
+    size = sum(p.numel() * p.element_size() for p in hf.parameters())
+    plan = max_memory_for([2, 3], free={2: int(size * 0.5), 3: int(size * 0.5)})
+    assert set(plan) <= {2, 3, "cpu"} and plan[2] == int(0.9 * int(size * 0.5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        placed = infer_auto_device_map(
+            hf, max_memory=plan, no_split_module_classes=["LlamaDecoderLayer"]
+        )
+    assert set(placed.values()) <= {2, 3, "cpu"} and {2, 3} <= set(placed.values())
+    if not torch.cuda.is_available():
+        with pytest.raises(AdagError, match="CUDA is not available"):
+            load_model("smollm2-135m", device="auto:0")

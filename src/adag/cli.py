@@ -98,7 +98,14 @@ app = typer.Typer(
 # Options shared by several commands
 ModelArg = Annotated[str, typer.Argument(help="alias, Hugging Face id, local directory or .gguf")]
 DtypeOpt = Annotated[str, typer.Option(help="float32, float64, bfloat16 or float16")]
-DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto")]
+DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:N, auto or auto:I,J (device_map)")]
+GpusOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--gpus-per-model",
+        help="with --device auto under torchrun: GPUs per worker (default: split evenly)",
+    ),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print the result as JSON")]
 FileFormat = Literal["auto", "jsonl", "text"]
 
@@ -304,6 +311,7 @@ def patch(
     seed: Annotated[int, typer.Option(help="seed for the built-in task")] = 0,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
+    gpus_per_model: GpusOpt = None,
     as_json: JsonOpt = False,
     force: ForceOpt = False,
 ) -> None:
@@ -332,7 +340,7 @@ def patch(
     from adag.pipeline.dist import context
 
     d = context()  # under torchrun: ranks split the pairs, rank 0 merges and reports
-    m = load_model(model, dtype=dtype, device=d.device(device))
+    m = load_model(model, dtype=dtype, device=d.device(device, gpus_per_model=gpus_per_model))
     node_set(m, nodes, 1)  # validate the node spec before any work
     if prompt_pairs is None:
         with err.status(f"generating {task} pairs"):
@@ -463,6 +471,7 @@ def trace(
     ] = None,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
+    gpus_per_model: GpusOpt = None,
     as_json: JsonOpt = False,
     force: ForceOpt = False,
 ) -> None:
@@ -513,7 +522,7 @@ def trace(
     from adag.pipeline.dist import context
 
     d = context()  # under torchrun: this rank traces its shard, rank 0 merges and reports
-    m = load_model(model, dtype=dtype, device=d.device(device))
+    m = load_model(model, dtype=dtype, device=d.device(device, gpus_per_model=gpus_per_model))
     tc = None
     if transcoders is not None:
         from adag.transcoders import load_transcoders
@@ -641,6 +650,7 @@ def steer_cmd(
     api_key_env: ApiKeyEnvOpt = None,
     max_new_tokens: Annotated[int, typer.Option(help="tokens per judged generation")] = 32,
     device: DeviceOpt = "cpu",
+    gpus_per_model: GpusOpt = None,
     force: Annotated[bool, typer.Option("--force", help="recompute even when current")] = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -666,7 +676,9 @@ def steer_cmd(
 
     d = context()  # under torchrun: ranks split the clusters, rank 0 merges, judges, reports
     m = load_model(
-        settings["model"], dtype=settings.get("dtype", "float32"), device=d.device(device)
+        settings["model"],
+        dtype=settings.get("dtype", "float32"),
+        device=d.device(device, gpus_per_model=gpus_per_model),
     )
     err = Console(stderr=True)
     with Progress(console=err, transient=True, disable=not err.is_terminal) as bar:

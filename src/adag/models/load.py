@@ -253,6 +253,32 @@ def convert_gguf(gguf: Path) -> Path:
     return target
 
 
+def gpu_list(device: str) -> list[int]:
+    """The GPUs of an ``auto:I,J,...`` device string."""
+    try:
+        gpus = [int(x) for x in device.removeprefix("auto:").split(",") if x.strip()]
+    except ValueError:
+        gpus = []
+    if not gpus or any(g < 0 for g in gpus):
+        raise AdagError(f"bad device {device!r}; auto:I,J lists GPU indices, e.g. auto:0,1")
+    return gpus
+
+
+def max_memory_for(gpus: list[int], free: dict[int, int] | None = None) -> dict[Any, int]:
+    """accelerate's ``max_memory`` for a model spread over ``gpus`` only: 90 % of each one's free
+    memory (``free``, default ``torch.cuda.mem_get_info``), and the CPU's available memory for
+    what does not fit (accelerate uses no device missing from this dict)."""
+    from adag.models.memory import available_bytes
+
+    if free is None:
+        free = {g: int(torch.cuda.mem_get_info(g)[0]) for g in gpus}
+    plan: dict[Any, int] = {g: int(0.9 * free[g]) for g in gpus}
+    cpu = available_bytes("cpu")
+    if cpu:
+        plan["cpu"] = int(0.9 * cpu)
+    return plan
+
+
 def _from_pretrained(
     source: str, *, dtype: torch.dtype, device: str, what: str, local_files_only: bool = False
 ) -> tuple[Any, Any]:
@@ -274,12 +300,15 @@ def _from_pretrained(
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": ATTENTION_NAME, **local}
     if device == "auto":
         kwargs["device_map"] = "auto"
+    elif device.startswith("auto:"):
+        kwargs["device_map"] = "auto"
+        kwargs["max_memory"] = max_memory_for(gpu_list(device))
     try:
         with _quiet_transformers():
             hf: Any = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as e:  # weights missing from a directory or the cache
         raise AdagError(f"cannot load the weights of {what} {source!r}: {_first_line(e)}") from e
-    if device != "auto":
+    if not device.startswith("auto"):
         hf = hf.to(device)
     try:
         tok = AutoTokenizer.from_pretrained(source, **local)
@@ -363,7 +392,9 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: str = "float32", device: str
     ``name``: a built-in alias (``adag models`` lists them; the default ``smollm2-135m`` runs
     offline), a ``.gguf`` file, a local directory saved with ``save_pretrained``, or a Hugging Face
     id (downloaded unless ``HF_HUB_OFFLINE=1``). ``dtype``: float32, float64, bfloat16 or float16.
-    ``device``: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (spread over the GPUs with accelerate).
+    ``device``: ``cpu``, ``cuda``, ``cuda:N``, ``auto`` (spread over the GPUs with accelerate's
+    ``device_map="auto"``, offloading to the CPU what does not fit) or ``auto:I,J,...`` (the same
+    over GPUs I, J, ... only: a data-parallel worker's share, :meth:`adag.pipeline.dist.Dist.device`).
     """
     if not isinstance(name, str) or not name.strip():
         raise AdagError(
@@ -375,12 +406,17 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: str = "float32", device: str
     if not (
         device in ("cpu", "auto")
         or device == "cuda"
-        or device.startswith("cuda:")
+        or device.startswith(("cuda:", "auto:"))
         or device == "mps"
     ):
-        raise AdagError(f"unsupported device {device!r}; use cpu, cuda, cuda:N or auto")
-    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise AdagError(f"unsupported device {device!r}; use cpu, cuda, cuda:N, auto or auto:I,J")
+    if device.startswith(("cuda", "auto:")) and not torch.cuda.is_available():
         raise AdagError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+    if device.startswith("auto:"):
+        gpus = gpu_list(device)
+        n = torch.cuda.device_count()
+        if any(g >= n for g in gpus):
+            raise AdagError(f"device {device!r} names GPUs this machine lacks (it has {n})")
     torch_dtype = DTYPES[dtype]
     path = Path(name).expanduser()
 

@@ -123,6 +123,12 @@ class RunConfig(_Section):
     model: str = "smollm2-135m"
     dtype: str = "float32"
     device: str = "cpu"
+    gpus_per_model: int | None = Field(
+        None,
+        ge=1,
+        description="under torchrun with device auto: GPUs per data-parallel worker "
+        "(default: the machine's GPUs split evenly)",
+    )
     out: str | None = Field(None, description="run directory (adag run --out overrides it)")
     dataset: DatasetConfig = Field(default_factory=lambda: DatasetConfig(name="capitals", n=16))
     pairs: PairsConfig | None = None

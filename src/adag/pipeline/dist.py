@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+from adag.errors import AdagError
+
 logger = logging.getLogger(__name__)
 
 TIMEOUT_S = 6 * 3600
@@ -42,6 +44,8 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    local_world: int = 1
+    """Ranks on this machine (torchrun's ``LOCAL_WORLD_SIZE``)."""
 
     @property
     def main(self) -> bool:
@@ -78,12 +82,33 @@ class Dist:
         td.all_gather_object(out, obj)
         return out
 
-    def device(self, device: str) -> str:
-        """``device`` for this rank: a bare ``"cuda"`` becomes this rank's GPU,
-        ``cuda:LOCAL_RANK``; anything else is kept."""
+    def device(
+        self, device: str, *, gpus_per_model: int | None = None, n_gpus: int | None = None
+    ) -> str:
+        """``device`` for this rank. A bare ``"cuda"`` becomes this rank's GPU,
+        ``cuda:LOCAL_RANK``. ``"auto"`` (a model spread with ``device_map``) becomes this rank's
+        share of the machine's ``n_gpus`` GPUs (default: all CUDA devices), ``auto:I,J,...``:
+        ``gpus_per_model`` GPUs each (default ``n_gpus // local_world``), rank ``r`` on this
+        machine taking GPUs ``r·K .. r·K + K − 1``. Anything else is kept."""
         if self.active and device == "cuda":
             return f"cuda:{self.local_rank}"
-        return device
+        if device != "auto" or (not self.active and gpus_per_model is None):
+            if gpus_per_model is not None and device != "auto":
+                raise AdagError("--gpus-per-model K spreads each model with --device auto")
+            return device
+        if n_gpus is None:
+            import torch
+
+            n_gpus = torch.cuda.device_count()
+        k = gpus_per_model or n_gpus // self.local_world
+        if k < 1 or (self.local_rank + 1) * k > n_gpus:
+            raise AdagError(
+                f"{self.local_world} rank(s) of {k or 0} GPU(s) each need "
+                f"{self.local_world * max(k, 1)} GPUs and this machine has {n_gpus}; lower "
+                "--gpus-per-model or --nproc-per-node"
+            )
+        first = self.local_rank * k
+        return "auto:" + ",".join(str(g) for g in range(first, first + k))
 
 
 def context() -> Dist:
@@ -104,7 +129,8 @@ def context() -> Dist:
         td.init_process_group(backend=backend, timeout=timeout)
         atexit.register(finish)
         logger.info("rank %d of %d (%s)", td.get_rank(), td.get_world_size(), backend)
-    return Dist(td.get_rank(), td.get_world_size(), local)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    return Dist(td.get_rank(), td.get_world_size(), local, local_world)
 
 
 def finish() -> None:

@@ -125,7 +125,11 @@ def run(
     # everything that can fail on bad input fails before the first file is written
     t0 = time.perf_counter()
     dp = dist or Dist()
-    m = model or load_model(config.model, dtype=config.dtype, device=dp.device(config.device))
+    m = model or load_model(
+        config.model,
+        dtype=config.dtype,
+        device=dp.device(config.device, gpus_per_model=config.gpus_per_model),
+    )
     timings["load"] = round(time.perf_counter() - t0, 3)
     run_dir.mkdir(parents=True, exist_ok=True)
     text = dump_config(config)
