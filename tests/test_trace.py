@@ -405,3 +405,36 @@ def test_one_target_is_a_target_not_its_characters(tiny: Model, ids):
     assert trace(tiny, ids, targets=7)[0] == trace(tiny, ids, targets=[7])[0]
     with pytest.raises(AdagError, match="targets must be token strings or ids"):
         TraceConfig(targets={7}.__iter__())  # type: ignore[arg-type]
+
+
+def test_reverse_mode_input_profiles_equal_forward_mode(tiny: Model, ids, monkeypatch):
+    """Long prompts take the input profiles by reverse mode (one backward row per kept node
+    instead of T + 1 forward rows per position): the same numbers, on every architecture; and
+    ``mode="auto"`` takes reverse mode exactly when it is cheaper."""
+    import adag.graphs.trace as tr
+    from adag.graphs.config import TraceConfig
+    from adag.graphs.neurons import MlpNeurons
+
+    fams = [MlpNeurons()]
+    cfg = TraceConfig(k=3, node_threshold=0.01)
+    clean = tr.clean_run(tiny, ids.tolist(), fams, cfg)
+    _, kept = tr.attribute_nodes(tiny, clean, fams, cfg)
+    assert len(kept[0]) > 3
+    fwd = tr.input_attributions(tiny, clean, fams, kept, 4, mode="forward")[0]
+    rev = tr.input_attributions(tiny, clean, fams, kept, 4, mode="reverse")[0]
+    assert torch.allclose(rev, fwd, rtol=1e-10, atol=1e-10 * float(fwd.abs().max()))
+    used = []
+    real = tr._input_attributions_reverse
+    monkeypatch.setattr(
+        tr, "_input_attributions_reverse", lambda *a, **k: used.append(1) or real(*a, **k)
+    )
+    tr.input_attributions(tiny, clean, fams, kept, 4)  # many nodes, 9 tokens: forward
+    assert not used
+    few = [
+        tr.Nodes(
+            *(getattr(kept[0], f)[:2] for f in ("layer", "pos", "idx", "act", "attr", "out_attr"))
+        )
+    ]
+    assert tr.REVERSE_COST * 2 < clean.T + 1
+    auto = tr.input_attributions(tiny, clean, fams, few, 4)[0]
+    assert used and torch.allclose(auto, fwd[:2], rtol=1e-10, atol=1e-10 * float(fwd.abs().max()))

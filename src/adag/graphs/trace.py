@@ -457,12 +457,20 @@ def _chunks(n: int, size: int) -> list[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
+REVERSE_COST = 3.0
+"""A reverse-mode input-profile row (a forward with autograd and a backward over the prompt)
+in forward-mode rows (a no-grad forward of the linear replica), for :func:`input_attributions`'
+choice."""
+
+
 def input_attributions(
     model: Model,
     clean: Clean,
     families: Sequence[NodeFamily],
     kept: Sequence[Nodes],
     rows: int,
+    *,
+    mode: str = "auto",
 ) -> list[Tensor]:
     """Per family ``(n, T)``: ``Σ_d e_{p,d} · da_v/de_{p,d}`` under the linearisation.
 
@@ -470,7 +478,21 @@ def input_attributions(
     (:func:`adag.models.linear.linear_replica`), so feeding it ``e_p`` alone at position ``p``
     (row ``p``) and subtracting its output for a zero input (the bias terms, row 0) gives the
     derivative of *every* node along every position's embedding in one plain forward pass:
-    ``T + 1`` rows instead of one backward row per kept node."""
+    ``T + 1`` rows instead of one backward row per kept node. That is ``T²`` token-forwards,
+    which dominates long prompts; there, reverse mode (:func:`_input_attributions_reverse`:
+    one backward row per kept node, ``n · T`` tokens) is cheaper, and ``mode="auto"`` takes it
+    when ``REVERSE_COST · n < T + 1`` and every family is MLP neurons. ``mode``: ``"auto"``,
+    ``"forward"`` or ``"reverse"`` (both give the same numbers up to rounding)."""
+    n_all = sum(len(n) for n in kept)
+    neurons_only = all(f.kind == "neuron" for f in families)
+    if mode not in ("auto", "forward", "reverse"):
+        raise AdagError(f"input-profile mode {mode!r}: use auto, forward or reverse")
+    if mode == "reverse" and not neurons_only:
+        raise AdagError("reverse-mode input profiles are written for MLP neurons only")
+    if mode == "reverse" or (
+        mode == "auto" and neurons_only and n_all and REVERSE_COST * n_all < clean.T + 1
+    ):
+        return _input_attributions_reverse(model, clean, families, kept, rows)
     emb, T = clean.emb, clean.T
     outs = [torch.zeros(len(n), T, dtype=emb.dtype, device=emb.device) for n in kept]
     reads = [
@@ -498,6 +520,69 @@ def input_attributions(
             sel = n.of_layer(layer)
             v = f.values(run.cache[site])[:, n.pos[sel], n.idx[sel]]  # (P + 1, n_layer)
             outs[fi][sel, sl] = (v[1:] - v[:1]).T
+    return outs
+
+
+def _input_attributions_reverse(
+    model: Model,
+    clean: Clean,
+    families: Sequence[NodeFamily],
+    kept: Sequence[Nodes],
+    rows: int,
+) -> list[Tensor]:
+    """:func:`input_attributions` by reverse mode: backward passes under the same linearisation
+    (every MLP by its rule, frozen norms and patterns), one row per kept node, seeded by its
+    family's :meth:`~adag.graphs.family.NodeFamily.seeds` (the node's partials at its
+    pre-activation sites), then ``Σ_d e_{p,d} · g_{p,d}`` at every position."""
+    emb, T = clean.emb, clean.T
+    outs = [torch.zeros(len(n), T, dtype=emb.dtype, device=emb.device) for n in kept]
+    rules = _mlp_rules(model, families)
+    items = [(fi, j) for fi, n in enumerate(kept) for j in range(len(n))]
+    layers_of = [n.layer for n in kept]
+    seed_sites = sorted(
+        {
+            s
+            for fi, (f, n) in enumerate(zip(families, kept, strict=True))
+            for s in f.edge_sites(model, sorted(set(n.layer.tolist())))
+        }
+    )
+    B = max(1, rows)
+    for sl in _chunks(len(items), B):
+        chunk = items[sl]
+        b = len(chunk)
+        with (
+            linearize(model, mlp=rules),
+            model.sites(read=seed_sites, grad=[EMBED, *seed_sites]) as run,
+            spliced(model, families, "attribution", clean.values),
+        ):
+            model(clean.tokens.expand(b, T), last_only=True)
+            pairs: list[tuple[Tensor, Tensor]] = []
+            rows_t = torch.arange(b, device=emb.device)
+            for fi, f in enumerate(families):
+                mine = torch.tensor(
+                    [i for i, (g, _) in enumerate(chunk) if g == fi], dtype=torch.long
+                )
+                if not len(mine):
+                    continue
+                js = torch.tensor(
+                    [chunk[i][1] for i in mine.tolist()], dtype=torch.long, device=emb.device
+                )
+                n = kept[fi]
+                for layer in sorted(set(layers_of[fi][js].tolist())):
+                    sel = layers_of[fi][js] == layer
+                    pairs += f.seeds(
+                        model,
+                        run,
+                        clean.values,
+                        layer,
+                        rows_t[mine.to(emb.device)][sel],
+                        n.pos[js[sel]],
+                        n.idx[js[sel]],
+                    )
+            g = run.vjp([o for o, _ in pairs], [s for _, s in pairs], sites=[EMBED])
+        attr = torch.einsum("bpd,pd->bp", g[EMBED], emb)  # (b, T)
+        for r, (fi, j) in enumerate(chunk):
+            outs[fi][j] = attr[r]
     return outs
 
 
