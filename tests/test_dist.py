@@ -231,7 +231,7 @@ def table_of(path: Path) -> tuple[dict, dict]:
     return t.to_pydict(), meta
 
 
-@pytest.mark.parametrize("method", ["atp_star", "atp_dqk", "exhaustive", "ablate_mean"])
+@pytest.mark.parametrize("method", ["atp_star", "exhaustive", "ablate_mean"])
 def test_two_gloo_processes_patch_like_one(tiny_dir: Path, tmp_path: Path, method: str) -> None:
     """The ranks split the pairs (pairs of two lengths: ids aligned from the end) and rank 0
     merges them into the table one process writes; ablate_mean (a mean over all pairs) runs on
@@ -244,5 +244,6 @@ def test_two_gloo_processes_patch_like_one(tiny_dir: Path, tmp_path: Path, metho
     one = table_of(tmp_path / "one" / "patching" / f"{method}.parquet")
     two = table_of(tmp_path / "two" / "patching" / f"{method}.parquet")
     assert one == two
-    r = adag([*args, "--out", str(tmp_path / "two")], ranks=2)
-    assert json.loads(r.stdout)["reused"] is True
+    if method == "atp_star":  # a current table is reused by every rank
+        r = adag([*args, "--out", str(tmp_path / "two")], ranks=2)
+        assert json.loads(r.stdout)["reused"] is True
