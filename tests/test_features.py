@@ -616,3 +616,22 @@ def test_skip_mlps_puts_back_an_instance_forward():
         torch.testing.assert_close(m(ids[None]), want, rtol=0, atol=0)
         assert calls
         del mlp.forward
+
+
+def test_reverse_mode_input_profiles_equal_forward_mode(case):
+    """Long prompts take the input profiles by reverse mode (seeded at each feature's MLP input
+    with r · W_enc[i]): the same numbers as the replica's forward mode, CLT, skip and every
+    activation included; error nodes, constants of the replica, get zeros either way."""
+    import adag.graphs.trace as tr
+
+    m, _raw, tc, ids, _g = case
+    fams = feat.replacement_families(m, tc)
+    cfg = _config().updated(node_threshold=0.002)
+    clean = clean_run(m, ids.tolist(), fams, cfg)
+    _, kept = tr.attribute_nodes(m, clean, fams, cfg)
+    fwd = tr.input_attributions(m, clean, fams, kept, 8, mode="forward")
+    rev = tr.input_attributions(m, clean, fams, kept, 8, mode="reverse")
+    scale = float(fwd[0].abs().max())
+    assert len(kept[0]) > 0 and scale > 0
+    torch.testing.assert_close(rev[0], fwd[0], rtol=1e-10, atol=1e-10 * scale)
+    assert not fwd[1].any() and not rev[1].any()

@@ -480,17 +480,19 @@ def input_attributions(
     derivative of *every* node along every position's embedding in one plain forward pass:
     ``T + 1`` rows instead of one backward row per kept node. That is ``T²`` token-forwards,
     which dominates long prompts; there, reverse mode (:func:`_input_attributions_reverse`:
-    one backward row per kept node, ``n · T`` tokens) is cheaper, and ``mode="auto"`` takes it
-    when ``REVERSE_COST · n < T + 1`` and every family is MLP neurons. ``mode``: ``"auto"``,
-    ``"forward"`` or ``"reverse"`` (both give the same numbers up to rounding)."""
-    n_all = sum(len(n) for n in kept)
-    neurons_only = all(f.kind == "neuron" for f in families)
+    one backward row per kept neuron or feature, ``n · T`` tokens) is cheaper, and
+    ``mode="auto"`` takes it when ``REVERSE_COST · n < T + 1`` (error nodes, constants of the
+    replica, have zero input attributions either way). ``mode``: ``"auto"``, ``"forward"`` or
+    ``"reverse"`` (both give the same numbers up to rounding)."""
+    # seeded nodes (neurons, features); constant ones (error nodes: 0 in the replica) need none
+    n_all = sum(len(n) for f, n in zip(families, kept, strict=True) if f.can_be_target)
+    seedable = all(f.kind in ("neuron", "feature") or not f.can_be_target for f in families)
     if mode not in ("auto", "forward", "reverse"):
         raise AdagError(f"input-profile mode {mode!r}: use auto, forward or reverse")
-    if mode == "reverse" and not neurons_only:
-        raise AdagError("reverse-mode input profiles are written for MLP neurons only")
+    if mode == "reverse" and not seedable:
+        raise AdagError("reverse-mode input profiles are written for neurons and features")
     if mode == "reverse" or (
-        mode == "auto" and neurons_only and n_all and REVERSE_COST * n_all < clean.T + 1
+        mode == "auto" and seedable and n_all and REVERSE_COST * n_all < clean.T + 1
     ):
         return _input_attributions_reverse(model, clean, families, kept, rows)
     emb, T = clean.emb, clean.T
@@ -537,13 +539,14 @@ def _input_attributions_reverse(
     emb, T = clean.emb, clean.T
     outs = [torch.zeros(len(n), T, dtype=emb.dtype, device=emb.device) for n in kept]
     rules = _mlp_rules(model, families)
-    items = [(fi, j) for fi, n in enumerate(kept) for j in range(len(n))]
+    seeded = [fi for fi, f in enumerate(families) if f.can_be_target]
+    items = [(fi, j) for fi in seeded for j in range(len(kept[fi]))]
     layers_of = [n.layer for n in kept]
     seed_sites = sorted(
         {
             s
-            for fi, (f, n) in enumerate(zip(families, kept, strict=True))
-            for s in f.edge_sites(model, sorted(set(n.layer.tolist())))
+            for fi in seeded
+            for s in families[fi].edge_sites(model, sorted(set(kept[fi].layer.tolist())))
         }
     )
     B = max(1, rows)
@@ -558,7 +561,8 @@ def _input_attributions_reverse(
             model(clean.tokens.expand(b, T), last_only=True)
             pairs: list[tuple[Tensor, Tensor]] = []
             rows_t = torch.arange(b, device=emb.device)
-            for fi, f in enumerate(families):
+            for fi in seeded:
+                f = families[fi]
                 mine = torch.tensor(
                     [i for i, (g, _) in enumerate(chunk) if g == fi], dtype=torch.long
                 )
