@@ -359,6 +359,7 @@ def patch(
             force=force,
             dist=d,
         )
+    d.done()
     if not d.main:
         return
     if read is not None:  # said once the run worked, so that an error stays the only line
@@ -542,6 +543,7 @@ def trace(
             transcoders=tc,
             dist=d,
         )
+    d.done()
     if not d.main:
         return
     if read is not None:  # said once the run worked, so that an error stays the only line
@@ -694,6 +696,7 @@ def steer_cmd(
             progress=lambda n: bar.advance(task, n),
             dist=d,
         )
+    d.done()
     if not d.main:
         return
     if judge:
@@ -904,6 +907,7 @@ def _run_and_show(cfg: Any, out: str | None, force: list[str], as_json: bool) ->
                 bar.update(tasks[stage], total=1, completed=1)
 
         result = run(cfg, out=out, force=force, say=say, dist=d)
+    d.done()
     if not d.main:  # under torchrun, rank 0 reports the run
         return
     if as_json:

@@ -66,6 +66,15 @@ class Dist:
 
             td.barrier()
 
+    def done(self) -> None:
+        """The command's work is over on this rank: wait for every rank, then leave the group.
+        A rank that finished early (its shard was reused) must not tear its process group down
+        while the others still use theirs: gloo aborts the process ("terminate called without
+        an active exception")."""
+        if self.active:
+            self.barrier()
+            finish()
+
     def any(self, flag: bool) -> bool:
         """Whether ``flag`` is true on any rank (a collective: every rank must call it)."""
         if not self.active:
