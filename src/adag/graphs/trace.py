@@ -541,7 +541,6 @@ def _input_attributions_reverse(
     rules = _mlp_rules(model, families)
     seeded = [fi for fi, f in enumerate(families) if f.can_be_target]
     items = [(fi, j) for fi in seeded for j in range(len(kept[fi]))]
-    layers_of = [n.layer for n in kept]
     seed_sites = sorted(
         {
             s
@@ -558,31 +557,10 @@ def _input_attributions_reverse(
             model.sites(read=seed_sites, grad=[EMBED, *seed_sites]) as run,
             spliced(model, families, "attribution", clean.values),
         ):
-            model(clean.tokens.expand(b, T), last_only=True)
-            pairs: list[tuple[Tensor, Tensor]] = []
-            rows_t = torch.arange(b, device=emb.device)
-            for fi in seeded:
-                f = families[fi]
-                mine = torch.tensor(
-                    [i for i, (g, _) in enumerate(chunk) if g == fi], dtype=torch.long
-                )
-                if not len(mine):
-                    continue
-                js = torch.tensor(
-                    [chunk[i][1] for i in mine.tolist()], dtype=torch.long, device=emb.device
-                )
-                n = kept[fi]
-                for layer in sorted(set(layers_of[fi][js].tolist())):
-                    sel = layers_of[fi][js] == layer
-                    pairs += f.seeds(
-                        model,
-                        run,
-                        clean.values,
-                        layer,
-                        rows_t[mine.to(emb.device)][sel],
-                        n.pos[js[sel]],
-                        n.idx[js[sel]],
-                    )
+            z = model(clean.tokens.expand(b, T), last_only=True)[:, -1]
+            fam = torch.tensor([fi for fi, _ in chunk], device=emb.device)
+            idx = torch.tensor([j for _, j in chunk], device=emb.device)
+            pairs = _chunk_seeds(model, run, clean, families, kept, z, fam, idx)
             g = run.vjp([o for o, _ in pairs], [s for _, s in pairs], sites=[EMBED])
         attr = torch.einsum("bpd,pd->bp", g[EMBED], emb)  # (b, T)
         for r, (fi, j) in enumerate(chunk):

@@ -99,11 +99,11 @@ class Dist:
         share of the machine's ``n_gpus`` GPUs (default: all CUDA devices), ``auto:I,J,...``:
         ``gpus_per_model`` GPUs each (default ``n_gpus // local_world``), rank ``r`` on this
         machine taking GPUs ``r·K .. r·K + K − 1``. Anything else is kept."""
+        if gpus_per_model is not None and device != "auto":
+            raise AdagError("--gpus-per-model K spreads each model with --device auto")
         if self.active and device == "cuda":
             return f"cuda:{self.local_rank}"
         if device != "auto" or (not self.active and gpus_per_model is None):
-            if gpus_per_model is not None and device != "auto":
-                raise AdagError("--gpus-per-model K spreads each model with --device auto")
             return device
         if n_gpus is None:
             import torch

@@ -343,10 +343,6 @@ def _summary(
 # -- records and target tables -----------------------------------------------------------------
 
 
-def _profile_records(run: _Run) -> dict[str, list[dict[str, Any]]]:
-    return profile_records(run.profiles, run.prompt_tokens)
-
-
 def profile_records(
     profiles: Any, prompt_tokens: Mapping[str, Sequence[str]]
 ) -> dict[str, list[dict[str, Any]]]:
@@ -1011,7 +1007,7 @@ def _html(run: _Run, summary: Mapping[str, Any], timings: Any, usage: Any) -> st
         parts.append(f'<section class="card"><h2>Plots</h2><div class="plots">{"".join(figures)}')
         parts.append("</div></section>")
     if clusters:
-        records = _profile_records(run)
+        records = profile_records(run.profiles, run.prompt_tokens)
         targets = _target_tables(run)
         parts.append("<h2>Clusters in detail</h2>")
         parts += [_cluster_html(run, cl, records, targets) for cl in clusters]

@@ -165,62 +165,41 @@ def run(
     )
     if config.pairs is not None:  # the ranks split the pairs (adag.pipeline.patch.SHARDABLE)
         timed("patch", lambda: _patch(m, config, run_dir, force="patch" in force, dist=dp))
-    s = config.steer
-    if not dp.main:
-        dp.barrier()  # rank 0 clusters and describes
-        if s.enabled:  # the ranks split the clusters
-            timed(
-                "steer",
-                lambda: steer_stage(
-                    m,
-                    run_dir,
-                    scale=s.scale,
-                    k=s.k,
-                    batch_size=s.batch_size,
-                    force="steer" in force,
-                    dist=dp,
-                ),
-            )
-        return {
-            "run_dir": str(run_dir),
-            "rank": dp.rank,
-            "world": dp.world,
-            "timings": timings,
-            "trace": {k: traced[k] for k in ("reused", "traced")},
-        }
-    cl = config.cluster
-    timed(
-        "cluster",
-        lambda: cluster_stage(
-            run_dir,
-            n_clusters=cl.n_clusters,
-            method=cl.method,
-            seed=cl.seed,
-            top_m=cl.top_m,
-            force="cluster" in force,
-        ),
-    )
     d = config.describe
-    if d.enabled:
-        result = timed(
-            "describe",
-            lambda: describe_stage(
+    if dp.main:  # the other ranks wait at the barrier below for the clusters
+        cl = config.cluster
+        timed(
+            "cluster",
+            lambda: cluster_stage(
                 run_dir,
-                llm=d.llm,
-                simulator=d.simulator,
-                n_samples=d.n_samples,
-                min_highlights=d.min_highlights,
-                heldout=d.heldout,
-                sides=d.sides,
-                seed=d.seed,
-                model=m,
-                force="describe" in force,
-                progress=lambda name: say("describe", name),
+                n_clusters=cl.n_clusters,
+                method=cl.method,
+                seed=cl.seed,
+                top_m=cl.top_m,
+                force="cluster" in force,
             ),
         )
-        usage.update(result.get("usage") or {})
-    dp.barrier()  # the other ranks wait here for the clusters
-    if s.enabled:
+        if d.enabled:
+            result = timed(
+                "describe",
+                lambda: describe_stage(
+                    run_dir,
+                    llm=d.llm,
+                    simulator=d.simulator,
+                    n_samples=d.n_samples,
+                    min_highlights=d.min_highlights,
+                    heldout=d.heldout,
+                    sides=d.sides,
+                    seed=d.seed,
+                    model=m,
+                    force="describe" in force,
+                    progress=lambda name: say("describe", name),
+                ),
+            )
+            usage.update(result.get("usage") or {})
+    dp.barrier()
+    s = config.steer
+    if s.enabled:  # under torchrun the ranks split the clusters
         timed(
             "steer",
             lambda: steer_stage(
@@ -233,23 +212,31 @@ def run(
                 dist=dp,
             ),
         )
-        if s.generate > 0 and s.judge:
-            result = timed(
-                "judge",
-                lambda: judge_stage(
-                    m,
-                    run_dir,
-                    llm=d.llm,
-                    rubric=s.judge or "",
-                    incoherence=s.incoherence,
-                    n=s.generate,
-                    scale=s.scale,
-                    max_new_tokens=s.max_new_tokens,
-                    temperature=s.temperature,
-                    force="steer" in force,
-                ),
-            )
-            usage["judge"] = result.get("usage") or {}
+    if not dp.main:
+        return {
+            "run_dir": str(run_dir),
+            "rank": dp.rank,
+            "world": dp.world,
+            "timings": timings,
+            "trace": {k: traced[k] for k in ("reused", "traced")},
+        }
+    if s.enabled and s.generate > 0 and s.judge:
+        result = timed(
+            "judge",
+            lambda: judge_stage(
+                m,
+                run_dir,
+                llm=d.llm,
+                rubric=s.judge or "",
+                incoherence=s.incoherence,
+                n=s.generate,
+                scale=s.scale,
+                max_new_tokens=s.max_new_tokens,
+                temperature=s.temperature,
+                force="steer" in force,
+            ),
+        )
+        usage["judge"] = result.get("usage") or {}
     summary = timed("report", lambda: write_report(run_dir, timings=timings, usage=usage))
     return {**summary, "run_dir": str(run_dir), "timings": timings, "reused": reused}
 
